@@ -1,0 +1,88 @@
+#include <fastinterleave/compiler.h>
+
+#include <algorithm>
+
+namespace fastinterleave {
+
+namespace {
+
+void collect_refs(const Arg& a, std::vector<int32_t>& out) {
+  if (a.kind == Arg::Kind::Ref) {
+    out.push_back(a.ref);
+    return;
+  }
+  for (const auto& x : a.items) collect_refs(x, out);
+}
+
+}  // namespace
+
+std::shared_ptr<const Plan> compile(std::shared_ptr<const Graph> graph) {
+  graph->validate();
+  auto plan = std::make_shared<Plan>();
+  const auto& nodes = graph->nodes;
+  const size_t n = nodes.size();
+  plan->site_of_node.assign(n, -1);
+  plan->deps_begin.reserve(n + 1);
+  plan->use_count.assign(n, 0);
+  plan->keep.assign(n, 0);
+  plan->alias_root.assign(n, -1);
+  plan->inplace.assign(n, 0);
+  plan->ops.assign(n, nullptr);
+
+  std::vector<int32_t> graph_site_to_plan(graph->sites.size(), -1);
+  std::vector<int32_t> refs;
+  for (size_t i = 0; i < n; ++i) {
+    const Node& node = nodes[i];
+    plan->keep[i] = node.saved ? 1 : 0;
+
+    // Distinct inputs, so a node reading x twice counts as one use of x.
+    refs.clear();
+    for (const auto& a : node.args) collect_refs(a, refs);
+    for (const auto& kw : node.kwargs) collect_refs(kw.second, refs);
+    std::sort(refs.begin(), refs.end());
+    refs.erase(std::unique(refs.begin(), refs.end()), refs.end());
+    plan->deps_begin.push_back(static_cast<int32_t>(plan->deps.size()));
+    for (int32_t r : refs) {
+      plan->deps.push_back(r);
+      plan->use_count[static_cast<size_t>(r)] += 1;
+    }
+
+    switch (node.op) {
+      case Op::Site: {
+        int32_t& ps = graph_site_to_plan[static_cast<size_t>(node.site)];
+        if (ps < 0) {
+          ps = static_cast<int32_t>(plan->sites.size());
+          plan->sites.push_back(SitePlan{graph->sites[static_cast<size_t>(node.site)], {}, 0});
+        }
+        auto& sp = plan->sites[static_cast<size_t>(ps)];
+        sp.requests.emplace_back(node.iteration, static_cast<int32_t>(i));
+        sp.last_call = std::max(sp.last_call, node.iteration);
+        plan->site_of_node[i] = ps;
+        plan->alias_root[i] = static_cast<int32_t>(i);
+        break;
+      }
+      case Op::Call:
+        if (!node.name.empty()) plan->ops[i] = resolve_op(node.name);
+        break;
+      case Op::Stop:
+        plan->stops.push_back(static_cast<int32_t>(i));
+        break;
+      default:
+        break;
+    }
+    const Arg* first = node.args.empty() ? nullptr : &node.args[0];
+    if (node.op != Op::Site && first && first->kind == Arg::Kind::Ref && is_view_op(node.op, node.name)) {
+      plan->alias_root[i] = plan->alias_root[static_cast<size_t>(first->ref)];
+    }
+    plan->inplace[i] = is_inplace_op(node.op, node.name) ? 1 : 0;
+  }
+  plan->deps_begin.push_back(static_cast<int32_t>(plan->deps.size()));
+  for (auto& sp : plan->sites) {
+    std::stable_sort(sp.requests.begin(), sp.requests.end(),
+                     [](const auto& a, const auto& b) { return a.first < b.first; });
+  }
+  plan->graph = std::move(graph);
+  return plan;
+}
+
+}  // namespace fastinterleave

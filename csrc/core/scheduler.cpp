@@ -1,0 +1,420 @@
+#include <fastinterleave/scheduler.h>
+
+#include <c10/util/Exception.h>
+
+#include <numeric>
+
+namespace fastinterleave {
+
+using c10::IValue;
+
+namespace {
+
+std::string error_text(const std::exception_ptr& e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const c10::Error& err) {
+    return err.what_without_backtrace();
+  } catch (const std::exception& err) {
+    return err.what();
+  } catch (...) {
+    return "unknown error";
+  }
+}
+
+// Clears `running` on every way out of a node's execution.
+struct RunningGuard {
+  int32_t& running;
+  explicit RunningGuard(int32_t& r, int32_t node) : running(r) { running = node; }
+  ~RunningGuard() { running = -1; }
+};
+
+}  // namespace
+
+Run::Run(std::shared_ptr<const Plan> plan, Options options)
+    : plan_(std::move(plan)),
+      options_(std::move(options)),
+      graph_(*plan_->graph),
+      batch_size_(graph_.batch_size),
+      sliced_(graph_.invokers.size() > 1) {
+  const size_t n = plan_->size();
+  slots_.resize(n);
+  done_.assign(n, 0);
+  remaining_uses_ = plan_->use_count;
+  skip_.resize(n + 1);
+  std::iota(skip_.begin(), skip_.end(), 0);
+  window_open_.assign(n, 0);
+  calls_.assign(plan_->sites.size(), 0);
+  cursor_.assign(plan_->sites.size(), 0);
+}
+
+int32_t Run::next_undone(int32_t i) {
+  const auto n = static_cast<int32_t>(done_.size());
+  int32_t r = i;
+  while (r < n && done_[static_cast<size_t>(r)]) r = skip_[static_cast<size_t>(r)];
+  while (i < n && done_[static_cast<size_t>(i)]) {  // path compression
+    int32_t next = skip_[static_cast<size_t>(i)];
+    skip_[static_cast<size_t>(i)] = r;
+    i = next;
+  }
+  return r;
+}
+
+void Run::begin() { execute_from(0); }
+
+// nnsight 0.4.11's rule: run the nodes recorded from `first` on, in order,
+// skipping those already run, until an access to a site that has not fired yet
+// or a node whose inputs are not all there.
+void Run::execute_from(int32_t first) {
+  const auto n = static_cast<int32_t>(done_.size());
+  const auto& nodes = graph_.nodes;
+  for (int32_t j = next_undone(first); j < n; j = next_undone(j + 1)) {
+    if (nodes[static_cast<size_t>(j)].op == Op::Site) return;
+    const auto b = plan_->deps_begin[static_cast<size_t>(j)], e = plan_->deps_begin[static_cast<size_t>(j) + 1];
+    for (auto k = b; k < e; ++k) {
+      if (!done_[static_cast<size_t>(plan_->deps[static_cast<size_t>(k)])]) return;
+    }
+    execute(j);
+  }
+}
+
+IValue Run::materialize(Slot& slot) {
+  if (slot.size < 0) return slot.value;
+  const int64_t start = slot.start, size = slot.size, full = batch_size_;
+  slot.value = map_tensors(slot.value, [&](const at::Tensor& t) {
+    return t.dim() > 0 && t.size(0) == full ? IValue(t.narrow(0, start, size)) : IValue(t);
+  });
+  slot.size = -1;
+  return slot.value;
+}
+
+IValue Run::ref_value(int32_t node) {
+  Slot& s = slots_[static_cast<size_t>(node)];
+  TORCH_INTERNAL_ASSERT(s.set, "fastinterleave: value of node ", node, " read after it was freed");
+  return materialize(s);
+}
+
+Arg Run::resolve(const Arg& a) {
+  if (a.kind == Arg::Kind::Ref) return Arg::make_const(ref_value(a.ref));
+  if (a.kind == Arg::Kind::Const || a.kind == Arg::Kind::Ellipsis) return a;
+  Arg out;
+  out.kind = a.kind;
+  out.keys = a.keys;
+  out.items.reserve(a.items.size());
+  for (const auto& x : a.items) out.items.push_back(resolve(x));
+  return out;
+}
+
+void Run::check_window(int32_t node) {
+  if (!plan_->inplace[static_cast<size_t>(node)]) return;
+  const Node& nd = graph_.nodes[static_cast<size_t>(node)];
+  if (nd.args.empty() || nd.args[0].kind != Arg::Kind::Ref) return;
+  const int32_t root = nd.op == Op::Swap ? nd.args[0].ref : plan_->alias_root[static_cast<size_t>(nd.args[0].ref)];
+  if (root < 0 || window_open_[static_cast<size_t>(root)]) return;
+  const SiteKey& key = graph_.sites[static_cast<size_t>(graph_.nodes[static_cast<size_t>(root)].site)];
+  std::string what = (key.module.empty() ? std::string("the model") : key.module) +
+                     (key.kind == HookKind::Output ? " output" : " input");
+  std::string msg = "this edit of " + what + " (read at " + graph_.describe(root) + ") would run after " +
+                    (key.module.empty() ? std::string("the model") : key.module) +
+                    " has already used the value, so it could not change anything: " + graph_.describe(node);
+  if (firing_node_ >= 0) {
+    msg += "\n  It waits for the access recorded before it at " + graph_.describe(firing_node_) +
+           ", which the forward pass reaches later. Record the edit before that access.";
+  }
+  throw NodeError(NodeError::Kind::IneffectiveEdit, node, firing_node_, msg);
+}
+
+IValue Run::run_fallback(int32_t node) {
+  const Node& nd = graph_.nodes[static_cast<size_t>(node)];
+  if (!options_.fallback || !options_.allow_fallback) {
+    throw NodeError(NodeError::Kind::NoFallback, node, -1,
+                    std::string("the engine cannot run this ") + op_name(nd.op) +
+                        (nd.name.empty() ? std::string() : " '" + nd.name + "'") +
+                        " natively and the Python fallback is " +
+                        (options_.fallback ? "switched off" : "not available") + ": " + graph_.describe(node));
+  }
+  ResolvedArgs args;
+  args.reserve(nd.args.size());
+  for (const auto& a : nd.args) args.push_back(resolve(a));
+  ResolvedKwargs kwargs;
+  for (const auto& kw : nd.kwargs) kwargs.emplace_back(kw.first, resolve(kw.second));
+  return options_.fallback(nd, args, kwargs);
+}
+
+IValue Run::run_call(int32_t node) {
+  const Node& nd = graph_.nodes[static_cast<size_t>(node)];
+  if (const OpCandidates* op = plan_->ops[static_cast<size_t>(node)]) {
+    std::vector<IValue> args;
+    args.reserve(nd.args.size());
+    bool ok = true;
+    for (const auto& a : nd.args) {
+      auto v = a.kind == Arg::Kind::Ref ? std::optional<IValue>(ref_value(a.ref)) : to_ivalue(resolve(a));
+      if (!v) { ok = false; break; }
+      args.push_back(std::move(*v));
+    }
+    Kwargs kwargs;
+    for (const auto& kw : nd.kwargs) {
+      if (!ok) break;
+      auto v = to_ivalue(resolve(kw.second));
+      if (!v) { ok = false; break; }
+      kwargs.emplace_back(kw.first, std::move(*v));
+    }
+    if (ok) {
+      if (auto out = call_op(*op, args, kwargs)) return std::move(*out);
+    }
+  }
+  if (nd.py_fn >= 0) return run_fallback(node);
+  throw NodeError(NodeError::Kind::Unsupported, node, -1,
+                  "no overload of aten::" + nd.name + " accepts these arguments: " + graph_.describe(node));
+}
+
+void Run::execute(int32_t node) {
+  const size_t i = static_cast<size_t>(node);
+  const Node& nd = graph_.nodes[i];
+  Slot out;
+  out.set = true;
+  {
+    RunningGuard guard(running_node_, node);
+    try {
+      check_window(node);
+      switch (nd.op) {
+        case Op::Call:
+          out.value = run_call(node);
+          break;
+        case Op::GetItem: {
+          const Arg& target = nd.args[0];
+          const Arg& index = nd.args[1];
+          if (target.kind == Arg::Kind::Ref) {
+            Slot& src = slots_[static_cast<size_t>(target.ref)];
+            const bool lazy_container = src.size >= 0 && (src.value.isTuple() || src.value.isList() ||
+                                                          src.value.isGenericDict() || as_record(src.value));
+            if (lazy_container && index.kind == Arg::Kind::Const &&
+                (index.value.isInt() || index.value.isString())) {
+              // Pick the element without narrowing its siblings: narrow on use.
+              if (auto v = get_item(src.value, index)) {
+                out.value = std::move(*v);
+                out.start = src.start;
+                out.size = src.size;
+                break;
+              }
+            }
+          }
+          Arg tgt = resolve(target);
+          if (auto v = get_item(tgt.value, resolve(index))) out.value = std::move(*v);
+          else out.value = run_fallback(node);
+          break;
+        }
+        case Op::SetItem: {
+          Arg tgt = resolve(nd.args[0]);
+          auto item = to_ivalue(resolve(nd.args[2]));
+          if (!(item && set_item(tgt.value, resolve(nd.args[1]), *item))) run_fallback(node);
+          break;
+        }
+        case Op::GetAttr: {
+          Arg tgt = resolve(nd.args[0]);
+          if (auto v = get_attr(tgt.value, nd.name)) out.value = std::move(*v);
+          else out.value = run_fallback(node);
+          break;
+        }
+        case Op::Identity: {
+          auto v = to_ivalue(resolve(nd.args[0]));
+          if (!v) throw NodeError(NodeError::Kind::Unsupported, node, -1, "an index expression is not a value: " + graph_.describe(node));
+          out.value = std::move(*v);
+          break;
+        }
+        case Op::Swap: {
+          auto v = to_ivalue(resolve(nd.args[1]));
+          if (!v) throw NodeError(NodeError::Kind::Unsupported, node, -1, "an index expression is not a value: " + graph_.describe(node));
+          pending_swaps_.emplace_back(nd.args[0].ref, std::move(*v));
+          break;
+        }
+        case Op::Stop:
+          stopped_ = true;
+          throw EarlyStop();
+        case Op::Site:
+        case Op::kCount:
+          TORCH_INTERNAL_ASSERT(false, "fastinterleave: site nodes are bound, not executed");
+      }
+    } catch (const EarlyStop&) {
+      throw;
+    } catch (const NodeError&) {
+      throw;
+    } catch (...) {
+      auto cause = std::current_exception();
+      throw NodeError(NodeError::Kind::Failed, node, -1, error_text(cause) + "\n  in: " + graph_.describe(node), cause);
+    }
+  }
+  done_[i] = 1;
+  skip_[i] = node + 1;
+  if (plan_->use_count[i] > 0 || plan_->keep[i]) slots_[i] = std::move(out);
+  consume(node);
+}
+
+void Run::consume(int32_t node) {
+  const auto b = plan_->deps_begin[static_cast<size_t>(node)], e = plan_->deps_begin[static_cast<size_t>(node) + 1];
+  for (auto k = b; k < e; ++k) {
+    const auto d = static_cast<size_t>(plan_->deps[static_cast<size_t>(k)]);
+    if (--remaining_uses_[d] == 0 && !plan_->keep[d]) slots_[d] = Slot{};
+  }
+}
+
+namespace {
+
+// Writes `repl` into rows [start, start + size) of every batch-sized leaf of
+// `full`, on a copy: values read before the swap keep their content.
+IValue write_slice(const IValue& full, const IValue& repl, int64_t start, int64_t size, int64_t batch) {
+  if (full.isTensor()) {
+    const at::Tensor& t = full.toTensor();
+    if (t.dim() == 0 || t.size(0) != batch) return repl;
+    at::Tensor out = t.clone();
+    if (repl.isTensor()) out.narrow(0, start, size).copy_(repl.toTensor());
+    else if (repl.isInt() || repl.isDouble() || repl.isBool()) out.narrow(0, start, size).fill_(repl.toScalar());
+    else TORCH_CHECK(false, "with several invokes a batched tensor can only be swapped for a tensor or a number");
+    return IValue(out);
+  }
+  if (full.isTuple() || full.isList()) {
+    c10::ArrayRef<IValue> a = full.isTuple() ? full.toTupleRef().elements() : full.toListRef();
+    TORCH_CHECK(repl.isTuple() || repl.isList(), "with several invokes a swap must keep the value's structure (a sequence of ", a.size(), ")");
+    c10::ArrayRef<IValue> r = repl.isTuple() ? repl.toTupleRef().elements() : repl.toListRef();
+    TORCH_CHECK(a.size() == r.size(), "with several invokes a swap must keep the value's structure (a sequence of ", a.size(), ", got ", r.size(), ")");
+    std::vector<IValue> items;
+    for (size_t k = 0; k < a.size(); ++k) items.push_back(write_slice(a[k], r[k], start, size, batch));
+    if (full.isTuple()) return IValue(c10::ivalue::Tuple::create(std::move(items)));
+    c10::impl::GenericList out(full.toList().elementType());
+    for (auto& x : items) out.push_back(std::move(x));
+    return IValue(std::move(out));
+  }
+  if (const Record* fr = as_record(full)) {
+    const Record* rr = as_record(repl);
+    TORCH_CHECK(rr, "with several invokes a swap must keep the value's structure (a record)");
+    return make_record(write_slice(IValue(fr->fields), IValue(rr->fields), start, size, batch).toGenericDict(), fr->type);
+  }
+  if (full.isGenericDict() && repl.isGenericDict()) {
+    auto d = full.toGenericDict();
+    auto r = repl.toGenericDict();
+    c10::impl::GenericDict out(d.keyType(), d.valueType());
+    for (const auto& kv : d) {
+      auto it = r.find(kv.key());
+      out.insert(kv.key(), it == r.end() ? kv.value() : write_slice(kv.value(), it->value(), start, size, batch));
+    }
+    return IValue(std::move(out));
+  }
+  return repl;
+}
+
+}  // namespace
+
+IValue Run::apply_swap(const IValue& current, int32_t site_node, const IValue& replacement) {
+  const Node& nd = graph_.nodes[static_cast<size_t>(site_node)];
+  const InvokerSlice* inv = sliced_ ? &graph_.invokers[static_cast<size_t>(nd.invoker)] : nullptr;
+  auto put = [&](const IValue& full) {
+    return inv ? write_slice(full, replacement, inv->start, inv->size, batch_size_) : replacement;
+  };
+  if (nd.projection == Projection::FirstArg) {
+    const auto& pair = current.toTupleRef().elements();
+    std::vector<IValue> args = pair[0].toTupleRef().elements().vec();
+    args[0] = put(args[0]);
+    return IValue(c10::ivalue::Tuple::create({IValue(c10::ivalue::Tuple::create(std::move(args))), pair[1]}));
+  }
+  return put(current);
+}
+
+bool Run::fire(int32_t site, IValue& value) {
+  if (finished_ || running_node_ >= 0) return false;
+  const SitePlan& sp = plan_->sites[static_cast<size_t>(site)];
+  const int32_t call = calls_[static_cast<size_t>(site)]++;
+  size_t& cur = cursor_[static_cast<size_t>(site)];
+  if (cur >= sp.requests.size() || sp.requests[cur].first != call) return false;
+
+  bool changed = false;
+  IValue current = value;
+  const size_t first = cur;
+  struct CloseWindows {  // the module uses the value once the hook returns
+    Run& run;
+    const SitePlan& sp;
+    size_t first;
+    size_t& last;
+    ~CloseWindows() {
+      for (size_t k = first; k < last; ++k) run.window_open_[static_cast<size_t>(sp.requests[k].second)] = 0;
+      run.firing_node_ = -1;
+      run.pending_swaps_.clear();
+    }
+  } close{*this, sp, first, cur};
+
+  while (cur < sp.requests.size() && sp.requests[cur].first == call) {
+    const int32_t node = sp.requests[cur++].second;
+    const size_t i = static_cast<size_t>(node);
+    const Node& nd = graph_.nodes[i];
+    Slot s;
+    s.set = true;
+    if (nd.projection == Projection::FirstArg) {
+      const auto& args = current.toTupleRef().elements()[0].toTupleRef().elements();
+      if (args.empty()) {
+        throw NodeError(NodeError::Kind::Unsupported, node, -1,
+                        "the module was called without a positional argument, so it has no .input: " + graph_.describe(node));
+      }
+      s.value = args[0];
+    } else {
+      s.value = current;
+    }
+    if (sliced_) {
+      s.start = graph_.invokers[static_cast<size_t>(nd.invoker)].start;
+      s.size = graph_.invokers[static_cast<size_t>(nd.invoker)].size;
+    }
+    done_[i] = 1;
+    skip_[i] = node + 1;
+    if (plan_->use_count[i] > 0 || plan_->keep[i]) slots_[i] = std::move(s);
+    window_open_[i] = 1;
+    firing_node_ = node;
+    execute_from(node + 1);
+    for (const auto& [target, repl] : pending_swaps_) {
+      current = apply_swap(current, target, repl);
+      changed = true;
+    }
+    pending_swaps_.clear();
+  }
+  if (changed) value = std::move(current);
+  return changed;
+}
+
+void Run::end() {
+  finished_ = true;
+  const auto n = static_cast<int32_t>(done_.size());
+  int32_t first_undone = next_undone(0);
+  if (first_undone >= n) return;
+  for (int32_t j = first_undone; j < n; j = next_undone(j + 1)) {
+    const Node& nd = graph_.nodes[static_cast<size_t>(j)];
+    if (nd.op != Op::Site) continue;
+    const int32_t ps = plan_->site_of_node[static_cast<size_t>(j)];
+    const SiteKey& key = graph_.sites[static_cast<size_t>(nd.site)];
+    const int32_t c = calls_[static_cast<size_t>(ps)];
+    std::string who = key.module.empty() ? std::string("the model") : "module '" + key.module + "'";
+    std::string msg = std::string("this intervention needs the ") + (key.kind == HookKind::Output ? "output" : "input") +
+                      " of " + who + " at call " + std::to_string(nd.iteration) + ", but " +
+                      (c == 0 ? who + " was never called" : who + " was called only " + std::to_string(c) + " time" + (c == 1 ? "" : "s")) +
+                      " during the forward pass: " + graph_.describe(j);
+    throw NodeError(NodeError::Kind::NeverFired, j, -1, msg);
+  }
+  throw NodeError(NodeError::Kind::Unsupported, first_undone, -1,
+                  "this intervention never became ready to run: " + graph_.describe(first_undone));
+}
+
+void Run::end_stopped() { finished_ = true; }
+
+bool Run::has_value(int32_t node) const {
+  if (node < 0 || static_cast<size_t>(node) >= slots_.size()) return false;
+  return slots_[static_cast<size_t>(node)].set;
+}
+
+IValue Run::value(int32_t node) {
+  if (!has_value(node)) throw std::out_of_range("fastinterleave: node " + std::to_string(node) + " holds no value");
+  return materialize(slots_[static_cast<size_t>(node)]);
+}
+
+void Run::release() {
+  slots_.assign(slots_.size(), Slot{});
+  pending_swaps_.clear();
+  finished_ = true;
+}
+
+}  // namespace fastinterleave

@@ -1,0 +1,207 @@
+#include "convert.h"
+
+#include <fastinterleave/ops.h>
+
+#include <torch/csrc/Device.h>
+#include <torch/csrc/Dtype.h>
+#include <torch/csrc/DynamicTypes.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+namespace fastinterleave::python {
+
+using c10::IValue;
+
+PyObjectHolder::~PyObjectHolder() {
+  if (!Py_IsInitialized()) {
+    obj.release();  // interpreter gone: leak rather than touch it
+    return;
+  }
+  py::gil_scoped_acquire gil;
+  obj = py::object();
+}
+
+namespace {
+
+PyObject* g_proxy_type = nullptr;
+
+IValue opaque(py::handle obj) {
+  return IValue::make_capsule(c10::make_intrusive<PyObjectHolder>(py::reinterpret_borrow<py::object>(obj)));
+}
+
+bool all_str_keys(py::handle dict) {
+  PyObject *key, *value;
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(dict.ptr(), &pos, &key, &value)) {
+    if (!PyUnicode_Check(key)) return false;
+  }
+  return true;
+}
+
+c10::impl::GenericDict to_dict(py::handle obj) {
+  c10::impl::GenericDict d(c10::StringType::get(), c10::AnyType::get());
+  PyObject *key, *value;
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(obj.ptr(), &pos, &key, &value)) {
+    d.insert(py::cast<std::string>(key), to_ivalue(value));
+  }
+  return d;
+}
+
+}  // namespace
+
+IValue to_ivalue(py::handle obj) {
+  PyObject* p = obj.ptr();
+  if (THPVariable_Check(p)) return IValue(THPVariable_Unpack(p));
+  if (p == Py_None) return IValue();
+  if (PyBool_Check(p)) return IValue(p == Py_True);
+  if (PyLong_CheckExact(p) || (PyLong_Check(p) && !PyBool_Check(p))) {
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(p, &overflow);
+    if (overflow) return opaque(obj);
+    return IValue(static_cast<int64_t>(v));
+  }
+  if (PyFloat_Check(p)) return IValue(PyFloat_AS_DOUBLE(p));
+  if (PyUnicode_Check(p)) return IValue(py::cast<std::string>(obj));
+  if (THPDtype_Check(p)) return make_dtype(reinterpret_cast<THPDtype*>(p)->scalar_type);
+  if (THPDevice_Check(p)) return IValue(reinterpret_cast<THPDevice*>(p)->device);
+  if (PyTuple_Check(p)) {
+    const Py_ssize_t n = PyTuple_GET_SIZE(p);
+    std::vector<IValue> items;
+    items.reserve(static_cast<size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) items.push_back(to_ivalue(PyTuple_GET_ITEM(p, i)));
+    return IValue(c10::ivalue::Tuple::create(std::move(items)));
+  }
+  if (PyList_CheckExact(p)) {
+    Arg list = Arg::make_seq(Arg::Kind::List, {});
+    const Py_ssize_t n = PyList_GET_SIZE(p);
+    for (Py_ssize_t i = 0; i < n; ++i) list.items.push_back(Arg::make_const(to_ivalue(PyList_GET_ITEM(p, i))));
+    return *fastinterleave::to_ivalue(list);
+  }
+  if (PyDict_Check(p) && all_str_keys(obj)) {
+    if (PyDict_CheckExact(p)) return IValue(to_dict(obj));
+    // dict subclasses (OrderedDict, transformers' ModelOutput): keep the class.
+    auto cls = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(Py_TYPE(p)));
+    return make_record(to_dict(obj), c10::make_intrusive<PyObjectHolder>(std::move(cls)));
+  }
+  return opaque(obj);
+}
+
+py::object to_python(const IValue& v, py::handle like) {
+  if (v.isTensor()) return py::reinterpret_steal<py::object>(THPVariable_Wrap(v.toTensor()));
+  if (v.isNone()) return py::none();
+  if (v.isBool()) return py::bool_(v.toBool());
+  if (v.isInt()) return py::int_(v.toInt());
+  if (v.isDouble()) return py::float_(v.toDouble());
+  if (v.isString()) return py::str(v.toStringRef());
+  if (v.isDevice()) return py::reinterpret_steal<py::object>(THPDevice_New(v.toDevice()));
+  if (v.isTuple()) {
+    const auto& items = v.toTupleRef().elements();
+    const bool same_shape = like && PyTuple_Check(like.ptr()) &&
+                            static_cast<size_t>(PyTuple_GET_SIZE(like.ptr())) == items.size();
+    py::tuple out(items.size());
+    for (size_t i = 0; i < items.size(); ++i) {
+      out[i] = to_python(items[i], same_shape ? py::handle(PyTuple_GET_ITEM(like.ptr(), static_cast<Py_ssize_t>(i))) : py::handle());
+    }
+    if (same_shape && !PyTuple_CheckExact(like.ptr())) {
+      py::handle cls = reinterpret_cast<PyObject*>(Py_TYPE(like.ptr()));
+      if (py::hasattr(cls, "_make")) return cls.attr("_make")(out);  // namedtuple
+      return cls(out);                                                  // torch.Size and friends
+    }
+    return std::move(out);
+  }
+  if (v.isList()) {
+    py::list out;
+    for (const auto& x : v.toListRef()) out.append(to_python(x));
+    return std::move(out);
+  }
+  if (v.isGenericDict()) {
+    py::dict out;
+    for (const auto& kv : v.toGenericDict()) out[to_python(kv.key())] = to_python(kv.value());
+    return std::move(out);
+  }
+  if (auto d = as_dtype(v)) return py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(torch::getTHPDtype(*d)));
+  if (const Record* r = as_record(v)) {
+    py::dict fields;
+    for (const auto& kv : r->fields) {
+      py::handle sub = like && PyDict_Check(like.ptr()) ? PyDict_GetItemString(like.ptr(), kv.key().toStringRef().c_str()) : nullptr;
+      fields[py::str(kv.key().toStringRef())] = to_python(kv.value(), sub);
+    }
+    auto* cls = dynamic_cast<PyObjectHolder*>(r->type.get());
+    return cls ? cls->obj(**fields) : py::object(std::move(fields));
+  }
+  if (v.isCapsule()) {
+    if (auto* h = dynamic_cast<PyObjectHolder*>(v.toCapsule().get())) return h->obj;
+  }
+  throw std::invalid_argument(std::string("fastinterleave: cannot convert a ") + v.tagKind() + " to Python");
+}
+
+void set_proxy_type(py::handle type) {
+  Py_XINCREF(type.ptr());
+  Py_XDECREF(g_proxy_type);
+  g_proxy_type = type.ptr();
+}
+
+Arg to_arg(py::handle obj, py::handle graph) {
+  PyObject* p = obj.ptr();
+  if (g_proxy_type && PyObject_TypeCheck(p, reinterpret_cast<PyTypeObject*>(g_proxy_type))) {
+    if (obj.attr("_graph").ptr() == graph.ptr()) return Arg::make_ref(obj.attr("_node").cast<int32_t>());
+    return Arg::make_const(to_ivalue(obj.attr("value")));
+  }
+  if (PySlice_Check(p)) {
+    auto* s = reinterpret_cast<PySliceObject*>(p);
+    return Arg::make_seq(Arg::Kind::Slice, {to_arg(s->start, graph), to_arg(s->stop, graph), to_arg(s->step, graph)});
+  }
+  if (p == Py_Ellipsis) {
+    Arg a;
+    a.kind = Arg::Kind::Ellipsis;
+    return a;
+  }
+  if (PyTuple_CheckExact(p) || PyList_CheckExact(p)) {
+    Arg a;
+    a.kind = PyTuple_CheckExact(p) ? Arg::Kind::Tuple : Arg::Kind::List;
+    for (py::handle x : obj) a.items.push_back(to_arg(x, graph));
+    return a;
+  }
+  if (PyDict_CheckExact(p) && all_str_keys(obj)) {
+    Arg a;
+    a.kind = Arg::Kind::Dict;
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(p, &pos, &key, &value)) {
+      a.keys.push_back(py::cast<std::string>(key));
+      a.items.push_back(to_arg(value, graph));
+    }
+    return a;
+  }
+  return Arg::make_const(to_ivalue(obj));
+}
+
+py::object arg_to_python(const Arg& a) {
+  switch (a.kind) {
+    case Arg::Kind::Const:
+      return to_python(a.value);
+    case Arg::Kind::Ellipsis:
+      return py::reinterpret_borrow<py::object>(Py_Ellipsis);
+    case Arg::Kind::Slice:
+      return py::reinterpret_steal<py::object>(PySlice_New(arg_to_python(a.items[0]).ptr(),
+                                                           arg_to_python(a.items[1]).ptr(),
+                                                           arg_to_python(a.items[2]).ptr()));
+    case Arg::Kind::Tuple:
+    case Arg::Kind::List: {
+      py::list out;
+      for (const auto& x : a.items) out.append(arg_to_python(x));
+      if (a.kind == Arg::Kind::Tuple) return py::tuple(out);
+      return std::move(out);
+    }
+    case Arg::Kind::Dict: {
+      py::dict out;
+      for (size_t i = 0; i < a.items.size(); ++i) out[py::str(a.keys[i])] = arg_to_python(a.items[i]);
+      return std::move(out);
+    }
+    case Arg::Kind::Ref:
+      break;
+  }
+  throw std::logic_error("fastinterleave: unresolved reference passed to Python");
+}
+
+}  // namespace fastinterleave::python

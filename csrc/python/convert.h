@@ -1,0 +1,32 @@
+// Python <-> engine values. The engine sees tensors, scalars, tuples, lists,
+// string-keyed dicts and records; everything else travels as an opaque capsule.
+#pragma once
+
+#include <fastinterleave/graph.h>
+
+#include <pybind11/pybind11.h>
+
+namespace fastinterleave::python {
+
+namespace py = pybind11;
+
+// A Python object the engine carries without looking inside (and, for records,
+// the Python class to rebuild).
+struct PyObjectHolder : torch::CustomClassHolder {
+  explicit PyObjectHolder(py::object o) : obj(std::move(o)) {}
+  ~PyObjectHolder() override;
+  py::object obj;
+};
+
+c10::IValue to_ivalue(py::handle obj);
+// `like` (optional) is the Python value this one replaces: its tuple subclass
+// (namedtuple, torch.Size) is kept.
+py::object to_python(const c10::IValue& value, py::handle like = py::handle());
+
+// Recorded arguments: proxies of `graph` become Refs; proxies of a finished
+// trace give their value.
+void set_proxy_type(py::handle type);
+Arg to_arg(py::handle obj, py::handle graph);
+py::object arg_to_python(const Arg& resolved);
+
+}  // namespace fastinterleave::python

@@ -1,0 +1,285 @@
+// Bindings for the engine: graph in, plan out; runs with their module hooks;
+// exceptions; graph files. Conversions only: the engine decides what runs.
+#include "convert.h"
+
+#include <fastinterleave/compiler.h>
+#include <fastinterleave/scheduler.h>
+#include <fastinterleave/serialize.h>
+
+#include <pybind11/stl.h>
+
+namespace fastinterleave::python {
+
+namespace {
+
+PyObject* g_intervention_error = nullptr;
+PyObject* g_early_stop = nullptr;
+
+// Node tuples from the Python front:
+// (op, name, args, kwargs, site, iteration, invoker, projection, py_fn, line)
+std::shared_ptr<Graph> build_graph(py::list nodes, py::list sites, py::list invokers, int64_t batch_size,
+                                   py::list saved, py::list lines, py::handle token) {
+  auto g = std::make_shared<Graph>();
+  g->batch_size = batch_size;
+  for (py::handle s : sites) {
+    auto t = s.cast<py::tuple>();
+    g->sites.push_back(SiteKey{t[0].cast<std::string>(), static_cast<HookKind>(t[1].cast<int>())});
+  }
+  for (py::handle inv : invokers) {
+    auto t = inv.cast<py::tuple>();
+    g->invokers.push_back(InvokerSlice{t[0].cast<int64_t>(), t[1].cast<int64_t>()});
+  }
+  for (py::handle l : lines) g->lines.push_back(l.cast<std::string>());
+  g->nodes.reserve(py::len(nodes));
+  for (py::handle item : nodes) {
+    PyObject* t = item.ptr();
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 10) throw std::invalid_argument("fastinterleave: bad node record");
+    Node n;
+    auto op = py::cast<int>(PyTuple_GET_ITEM(t, 0));
+    if (op < 0 || op >= static_cast<int>(Op::kCount)) throw std::invalid_argument("fastinterleave: bad op code");
+    n.op = static_cast<Op>(op);
+    n.name = py::cast<std::string>(PyTuple_GET_ITEM(t, 1));
+    for (py::handle a : py::handle(PyTuple_GET_ITEM(t, 2))) n.args.push_back(to_arg(a, token));
+    py::handle kw = PyTuple_GET_ITEM(t, 3);
+    if (!kw.is_none()) {
+      for (auto kv : kw.cast<py::dict>()) n.kwargs.emplace_back(kv.first.cast<std::string>(), to_arg(kv.second, token));
+    }
+    n.site = py::cast<int32_t>(PyTuple_GET_ITEM(t, 4));
+    n.iteration = py::cast<int32_t>(PyTuple_GET_ITEM(t, 5));
+    n.invoker = py::cast<int32_t>(PyTuple_GET_ITEM(t, 6));
+    n.projection = static_cast<Projection>(py::cast<int>(PyTuple_GET_ITEM(t, 7)));
+    n.py_fn = py::cast<int32_t>(PyTuple_GET_ITEM(t, 8));
+    n.line = py::cast<int32_t>(PyTuple_GET_ITEM(t, 9));
+    g->nodes.push_back(std::move(n));
+  }
+  for (py::handle s : saved) {
+    auto i = s.cast<int64_t>();
+    if (i < 0 || static_cast<size_t>(i) >= g->nodes.size()) throw std::invalid_argument("fastinterleave: bad saved index");
+    g->nodes[static_cast<size_t>(i)].saved = true;
+  }
+  return g;
+}
+
+struct PyPlan {
+  std::shared_ptr<const Plan> plan;
+};
+
+// One run of a plan, with the Python callables its fallback nodes need.
+class PyRun {
+ public:
+  PyRun(const PyPlan& plan, py::list fns, bool allow_fallback)
+      : fns_(std::move(fns)),
+        run_(plan.plan, Run::Options{[this](const Node& n, const ResolvedArgs& a, const ResolvedKwargs& k) {
+                                       return fallback(n, a, k);
+                                     },
+                                     allow_fallback}) {}
+
+  Run& run() { return run_; }
+
+  py::object value(int32_t node) {
+    c10::IValue v = run_.value(node);
+    return to_python(v);
+  }
+
+ private:
+  c10::IValue fallback(const Node& n, const ResolvedArgs& args, const ResolvedKwargs& kwargs) {
+    switch (n.op) {
+      case Op::GetItem:
+        return to_ivalue(arg_to_python(args[0])[arg_to_python(args[1])]);
+      case Op::SetItem: {
+        py::object target = arg_to_python(args[0]);
+        if (PyObject_SetItem(target.ptr(), arg_to_python(args[1]).ptr(), arg_to_python(args[2]).ptr()) != 0) {
+          throw py::error_already_set();
+        }
+        return c10::IValue();
+      }
+      case Op::GetAttr:
+        return to_ivalue(arg_to_python(args[0]).attr(py::str(n.name)));
+      default: {
+        py::tuple pargs(args.size());
+        for (size_t i = 0; i < args.size(); ++i) pargs[i] = arg_to_python(args[i]);
+        py::dict pkw;
+        for (const auto& [k, v] : kwargs) pkw[py::str(k)] = arg_to_python(v);
+        py::object fn = fns_[static_cast<size_t>(n.py_fn)];
+        return to_ivalue(fn(*pargs, **pkw));
+      }
+    }
+  }
+
+  py::list fns_;
+  Run run_;
+};
+
+// A forward hook: returns None (keep the output) unless a swap replaced it.
+struct OutputHook {
+  std::shared_ptr<PyRun> run;
+  int32_t site;
+  py::object operator()(py::handle /*module*/, py::handle /*args*/, py::handle output) {
+    Run& r = run->run();
+    if (r.paused()) return py::none();
+    if (!r.pending(site)) {
+      r.skip_call(site);
+      return py::none();
+    }
+    c10::IValue v = to_ivalue(output);
+    if (!r.fire(site, v)) return py::none();
+    return to_python(v, output);
+  }
+};
+
+// A forward pre-hook (with kwargs): returns (args, kwargs) when swapped.
+struct InputHook {
+  std::shared_ptr<PyRun> run;
+  int32_t site;
+  py::object operator()(py::handle /*module*/, py::handle args, py::handle kwargs) {
+    Run& r = run->run();
+    if (r.paused()) return py::none();
+    if (!r.pending(site)) {
+      r.skip_call(site);
+      return py::none();
+    }
+    py::tuple pair = py::make_tuple(args, kwargs);
+    c10::IValue v = to_ivalue(pair);
+    if (!r.fire(site, v)) return py::none();
+    return to_python(v, pair);
+  }
+};
+
+PyObject* python_error_type(const std::exception_ptr& cause, std::string& message) {
+  try {
+    std::rethrow_exception(cause);
+  } catch (const c10::IndexError& e) {
+    message = e.what_without_backtrace();
+    return PyExc_IndexError;
+  } catch (const c10::ValueError& e) {
+    message = e.what_without_backtrace();
+    return PyExc_ValueError;
+  } catch (const c10::TypeError& e) {
+    message = e.what_without_backtrace();
+    return PyExc_TypeError;
+  } catch (const c10::NotImplementedError& e) {
+    message = e.what_without_backtrace();
+    return PyExc_NotImplementedError;
+  } catch (const c10::Error& e) {
+    message = e.what_without_backtrace();
+    return PyExc_RuntimeError;
+  } catch (const std::invalid_argument& e) {
+    message = e.what();
+    return PyExc_ValueError;
+  } catch (const std::out_of_range& e) {
+    message = e.what();
+    return PyExc_IndexError;
+  } catch (const std::exception& e) {
+    message = e.what();
+    return PyExc_RuntimeError;
+  } catch (...) {
+    message = "unknown C++ exception";
+    return PyExc_RuntimeError;
+  }
+}
+
+// Raises `type(message)` with the node ids the front needs to name the lines.
+void raise_with_nodes(PyObject* type, const std::string& message, const NodeError& e) {
+  py::object exc = py::reinterpret_borrow<py::object>(type)(message);
+  exc.attr("_fi_node") = e.node;
+  exc.attr("_fi_other") = e.other;
+  exc.attr("_fi_kind") = static_cast<int>(e.kind);
+  PyErr_SetObject(type, exc.ptr());
+}
+
+void translate(std::exception_ptr p) {
+  try {
+    if (p) std::rethrow_exception(p);
+  } catch (const NodeError& e) {
+    if (e.kind == NodeError::Kind::Failed && e.cause) {
+      try {
+        std::rethrow_exception(e.cause);
+      } catch (py::error_already_set& err) {
+        // A Python exception from a fallback: re-raise it as it was, tagged.
+        py::object value = err.value();
+        try {
+          value.attr("_fi_node") = e.node;
+          value.attr("_fi_other") = e.other;
+          value.attr("_fi_kind") = static_cast<int>(e.kind);
+        } catch (py::error_already_set&) {
+        }
+        err.restore();
+        return;
+      } catch (...) {
+        std::string msg;
+        PyObject* type = python_error_type(e.cause, msg);
+        raise_with_nodes(type, msg, e);
+        return;
+      }
+    }
+    raise_with_nodes(g_intervention_error, e.what(), e);
+  } catch (const EarlyStop& e) {
+    PyErr_SetString(g_early_stop, e.what());
+  } catch (const c10::Error&) {
+    std::string msg;
+    PyObject* type = python_error_type(std::current_exception(), msg);
+    PyErr_SetString(type, msg.c_str());
+  }
+}
+
+}  // namespace
+
+void register_engine(py::module_& m) {
+  g_intervention_error = PyErr_NewExceptionWithDoc(
+      "fastinterleave._C.InterventionError",
+      "An intervention that cannot run as written (an edit that would change nothing, a module that never ran, ...).",
+      PyExc_RuntimeError, nullptr);
+  g_early_stop = PyErr_NewExceptionWithDoc("fastinterleave._C.EarlyStop", "Raised through the model by stop().",
+                                           PyExc_Exception, nullptr);
+  m.attr("InterventionError") = py::handle(g_intervention_error);
+  m.attr("EarlyStop") = py::handle(g_early_stop);
+  py::register_exception_translator(&translate);
+
+  m.def("set_proxy_type", &set_proxy_type);
+
+  py::class_<PyPlan>(m, "Plan")
+      .def_property_readonly("sites",
+                             [](const PyPlan& p) {
+                               py::list out;
+                               for (const auto& s : p.plan->sites) out.append(py::make_tuple(s.key.module, static_cast<int>(s.key.kind)));
+                               return out;
+                             })
+      .def_property_readonly("num_nodes", [](const PyPlan& p) { return p.plan->size(); })
+      .def("serialize", [](const PyPlan& p) { return py::bytes(serialize_graph(*p.plan->graph)); })
+      .def("save", [](const PyPlan& p, const std::string& path) { save_graph(*p.plan->graph, path); });
+
+  m.def(
+      "compile",
+      [](py::list nodes, py::list sites, py::list invokers, int64_t batch_size, py::list saved, py::list lines,
+         py::handle token) {
+        auto g = build_graph(nodes, sites, invokers, batch_size, saved, lines, token);
+        return PyPlan{compile(std::move(g))};
+      },
+      py::arg("nodes"), py::arg("sites"), py::arg("invokers"), py::arg("batch_size"), py::arg("saved"),
+      py::arg("lines"), py::arg("token"));
+
+  m.def("load_plan", [](py::bytes data) { return PyPlan{compile(std::make_shared<Graph>(deserialize_graph(data)))}; });
+
+  py::class_<OutputHook>(m, "OutputHook").def("__call__", &OutputHook::operator());
+  py::class_<InputHook>(m, "InputHook").def("__call__", &InputHook::operator());
+
+  py::class_<PyRun, std::shared_ptr<PyRun>>(m, "Run")
+      .def(py::init<const PyPlan&, py::list, bool>(), py::arg("plan"), py::arg("fns"), py::arg("allow_fallback") = true)
+      .def("begin", [](PyRun& r) { r.run().begin(); })
+      .def("end", [](PyRun& r) { r.run().end(); })
+      .def("end_stopped", [](PyRun& r) { r.run().end_stopped(); })
+      .def("release", [](PyRun& r) { r.run().release(); })
+      .def("has_value", [](PyRun& r, int32_t node) { return r.run().has_value(node); })
+      .def("done", [](PyRun& r, int32_t node) { return r.run().done(node); })
+      .def("value", &PyRun::value)
+      .def("calls", [](PyRun& r, int32_t site) { return r.run().calls(site); })
+      .def("output_hook", [](std::shared_ptr<PyRun> r, int32_t site) { return OutputHook{std::move(r), site}; })
+      .def("input_hook", [](std::shared_ptr<PyRun> r, int32_t site) { return InputHook{std::move(r), site}; });
+
+  m.def("save_tensors", [](const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& ts) {
+    write_file(path, serialize_tensors(ts));
+  });
+  m.def("load_tensors", [](const std::string& path) { return deserialize_tensors(read_file(path)); });
+}
+
+}  // namespace fastinterleave::python

@@ -1,0 +1,150 @@
+"""The recorded graph: one trace's nodes, in recording order.
+
+Nodes are plain tuples the C++ compiler reads directly; the Python side never
+orders, counts or runs them (after the trace, operations on proxies evaluate
+eagerly on their values instead).
+"""
+
+import os
+import sys
+
+import torch
+
+from . import _C
+
+# Op codes (csrc/include/fastinterleave/graph.h: enum class Op).
+SITE, SWAP, CALL, GETITEM, SETITEM, GETATTR, STOP, IDENTITY = range(8)
+# Hook kinds and projections.
+OUTPUT, INPUT = 0, 1
+WHOLE, FIRST_ARG = 0, 1
+
+_SKIP_DIRS = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+
+RECORDING, DONE, RUNNING = 0, 1, 2
+
+
+class Graph:
+    """Nodes, the sites they read, saved node ids, source lines, Python callables."""
+
+    __slots__ = (
+        "nodes", "sites", "_site_index", "saved", "lines", "_line_index", "fns", "_fn_index",
+        "invoker", "values", "state", "node_lines", "__weakref__",
+    )
+
+    def __init__(self):
+        self.nodes = []
+        self.sites = []
+        self._site_index = {}
+        self.saved = []
+        self.lines = []
+        self._line_index = {}
+        self.fns = []
+        self._fn_index = {}
+        self.invoker = 0
+        self.values = None
+        self.state = RECORDING
+        self.node_lines = None
+
+    # -- recording -------------------------------------------------------------
+
+    def add(self, op, name="", args=(), kwargs=None, site=-1, iteration=0, projection=WHOLE, fn=None):
+        """Records a node and returns its proxy (or, after the trace, the value)."""
+        if self.state != RECORDING:
+            return self._eager(op, name, args, kwargs, fn)
+        py_fn = self.fn_id(fn) if fn is not None else -1
+        index = len(self.nodes)
+        self.nodes.append((op, name, args, kwargs, site, iteration, self.invoker, projection, py_fn, self._line()))
+        return Proxy(self, index)
+
+    def site(self, module_path, kind):
+        key = (module_path, kind)
+        index = self._site_index.get(key)
+        if index is None:
+            index = self._site_index[key] = len(self.sites)
+            self.sites.append(key)
+        return index
+
+    def fn_id(self, fn):
+        index = self._fn_index.get(id(fn))
+        if index is None:
+            index = self._fn_index[id(fn)] = len(self.fns)
+            self.fns.append(fn)
+        return index
+
+    def _line(self):
+        frame = sys._getframe(2)
+        while frame is not None and frame.f_code.co_filename.startswith(_SKIP_DIRS):
+            frame = frame.f_back
+        if frame is None:
+            return -1
+        key = (frame.f_code.co_filename, frame.f_lineno)
+        index = self._line_index.get(key)
+        if index is None:
+            index = self._line_index[key] = len(self.lines)
+            self.lines.append(f"{key[0]}:{key[1]}")
+        return index
+
+    # -- after the run ---------------------------------------------------------
+
+    def describe(self, node):
+        """``file.py:12: source`` of the line that recorded `node`."""
+        from .errors import source_line
+
+        lines = self.node_lines if self.node_lines is not None else [n[9] for n in self.nodes]
+        if 0 <= node < len(lines) and lines[node] >= 0:
+            return source_line(self.lines[lines[node]])
+        return f"node {node}"
+
+    def finish(self, values):
+        """Keeps the saved values and drops the recording (constants included)."""
+        self.values = values
+        self.node_lines = [n[9] for n in self.nodes]
+        self.nodes = []
+        self.fns = []
+        self._fn_index = {}
+        self.state = DONE
+
+    def why_unset(self, node):
+        where = self.describe(node)
+        if node not in self.saved:
+            return (
+                f"this value was not saved: call .save() on it inside the trace to keep it after the trace "
+                f"(recorded at {where})"
+            )
+        return (
+            f"this value was never set: the intervention recorded at {where} did not run "
+            "(stop() ended the forward pass before it, or the code skipped it)"
+        )
+
+    def _eager(self, op, name, args, kwargs, fn):
+        args = resolve(args)
+        kwargs = resolve(kwargs) if kwargs else {}
+        if op == GETITEM:
+            return args[0][args[1]]
+        if op == SETITEM:
+            args[0][args[1]] = args[2]
+            return None
+        if op == GETATTR:
+            return getattr(args[0], name)
+        if op == CALL and fn is not None:
+            return fn(*args, **kwargs)
+        raise _C.InterventionError("this trace has already run: module inputs and outputs can only be read or set inside it")
+
+
+def resolve(obj):
+    """Replaces proxies (of finished traces) by their values, inside containers too."""
+    if isinstance(obj, Proxy):
+        return obj.value
+    if type(obj) is tuple:
+        return tuple(resolve(x) for x in obj)
+    if type(obj) is list:
+        return [resolve(x) for x in obj]
+    if type(obj) is dict:
+        return {k: resolve(v) for k, v in obj.items()}
+    if type(obj) is slice:
+        return slice(resolve(obj.start), resolve(obj.stop), resolve(obj.step))
+    return obj
+
+
+from .proxy import Proxy  # noqa: E402  (proxy.py needs the op codes above)
+

@@ -1,0 +1,48 @@
+"""Module-level helpers of nnsight 0.4: ``nnsight.apply``, ``nnsight.list()``, ..."""
+
+import builtins
+
+from . import _C
+
+
+def _tracer():
+    from .tracer import current_tracer
+
+    tracer = current_tracer()
+    if tracer is None:
+        raise _C.InterventionError("this helper can only be used inside a `with model.trace(...)` block")
+    return tracer
+
+
+def apply(fn, *args, **kwargs):
+    """Records ``fn(*args, **kwargs)`` in the open trace (run with the model)."""
+    return _tracer().apply(fn, *args, **kwargs)
+
+
+def log(*args):
+    """Prints the values when the model runs."""
+    _tracer().log(*args)
+
+
+def stop():
+    """Ends the forward pass of the open trace here."""
+    _tracer().stop()
+
+
+def _container(kind):
+    def make(*args, **kwargs):
+        return apply(kind, *args, **kwargs)
+
+    make.__name__ = kind.__name__
+    make.__doc__ = f"A traced ``{kind.__name__}(...)``: built when the model runs (e.g. `.save()` it and append proxies)."
+    return make
+
+
+list = _container(builtins.list)
+dict = _container(builtins.dict)
+tuple = _container(builtins.tuple)
+set = _container(builtins.set)
+int = _container(builtins.int)
+float = _container(builtins.float)
+str = _container(builtins.str)
+bool = _container(builtins.bool)

@@ -1,0 +1,102 @@
+"""NNsight: wrap a torch module to trace interventions on it."""
+
+import torch
+
+from .envoy import Envoy
+from .tracer import Tracer
+
+
+class NNsight:
+    """Wraps an ``nn.Module``. Its submodules are attributes (``model.layer1``,
+    ``model.h[0]``); ``model.trace(...)`` opens a trace.
+
+    Subclasses adapt inputs with nnsight 0.4's hooks: ``_prepare_input``,
+    ``_batch`` and ``_execute``."""
+
+    def __init__(self, model, *args, rename=None, **kwargs):
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_envoy", Envoy(model, rename=rename))
+
+    # -- tracing -------------------------------------------------------------------
+
+    def trace(self, *inputs, trace=True, **kwargs):
+        """``with model.trace(x):`` records interventions run on ``x`` when the block
+        exits; ``model.trace(x, trace=False)`` just runs the model and returns its output."""
+        if not trace:
+            (args, kw), _ = self._prepare_input(*inputs)
+            return self._execute(*args, **{**kw, **kwargs})
+        return Tracer(self, *inputs, **kwargs)
+
+    # -- input handling (nnsight 0.4's signatures) ---------------------------------------
+
+    def _prepare_input(self, *inputs, **kwargs):
+        """``(inputs, kwargs), batch_size``: the rows of the first tensor argument."""
+        first = next(
+            (x for x in (*inputs, *kwargs.values()) if isinstance(x, torch.Tensor)),
+            None,
+        )
+        batch_size = len(first) if first is not None and first.dim() > 0 else 1
+        return (inputs, kwargs), batch_size
+
+    def _batch(self, batched_inputs, *args, **kwargs):
+        """Adds one invoke's prepared inputs to the batch: tensors concatenate on dim 0."""
+        if batched_inputs is None:
+            return args, kwargs
+        batched_args, batched_kwargs = batched_inputs
+        if len(batched_args) != len(args) or set(batched_kwargs) != set(kwargs):
+            raise ValueError("every invoke must pass the same arguments to be batched together")
+        args = tuple(_cat(a, b) for a, b in zip(batched_args, args))
+        kwargs = {k: _cat(batched_kwargs[k], v) for k, v in kwargs.items()}
+        return args, kwargs
+
+    def _execute(self, *args, **kwargs):
+        return self._model(*args, **kwargs)
+
+    # -- the root module ----------------------------------------------------------------
+
+    def __getattr__(self, name):
+        return getattr(self._envoy, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._envoy, name, value)
+
+    def __getitem__(self, index):
+        return self._envoy[index]
+
+    def __call__(self, *args, **kwargs):
+        return self._envoy(*args, **kwargs)
+
+    @property
+    def output(self):
+        return self._envoy.output
+
+    @output.setter
+    def output(self, value):
+        self._envoy.output = value
+
+    @property
+    def input(self):
+        return self._envoy.input
+
+    @input.setter
+    def input(self, value):
+        self._envoy.input = value
+
+    @property
+    def inputs(self):
+        return self._envoy.inputs
+
+    @inputs.setter
+    def inputs(self, value):
+        self._envoy.inputs = value
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self._model!r})"
+
+
+def _cat(a, b):
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return torch.cat([a, b], dim=0)
+    if a is b or (not isinstance(a, torch.Tensor) and a == b):
+        return a
+    raise ValueError(f"cannot batch invoke inputs of type {type(a).__name__} that differ between invokes")

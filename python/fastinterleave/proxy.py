@@ -1,0 +1,233 @@
+"""Proxy: a stand-in for a value inside a trace; operations on it record nodes."""
+
+import operator
+
+from . import _C
+from .graph import CALL, DONE, GETATTR, GETITEM, RECORDING, SETITEM, STOP
+
+# Python operator -> ATen op name (the engine runs these natively).
+_DUNDER_ATEN = {
+    "add": "add", "sub": "sub", "mul": "mul", "truediv": "div", "div": "div", "floordiv": "floor_divide",
+    "mod": "remainder", "pow": "pow", "matmul": "matmul", "and": "bitwise_and", "or": "bitwise_or",
+    "xor": "bitwise_xor", "lshift": "bitwise_left_shift", "rshift": "bitwise_right_shift",
+    "lt": "lt", "le": "le", "gt": "gt", "ge": "ge", "eq": "eq", "ne": "ne",
+    "neg": "neg", "pos": "positive", "abs": "abs", "invert": "bitwise_not",
+    "iadd": "add_", "isub": "sub_", "imul": "mul_", "itruediv": "div_",
+}
+
+_METHODS = {}
+
+
+def _method(name):
+    """A Python callable running `obj.name(*args, **kwargs)` (the fallback of a method node)."""
+    fn = _METHODS.get(name)
+    if fn is None:
+
+        def fn(obj, *args, **kwargs):
+            return getattr(obj, name)(*args, **kwargs)
+
+        fn.__name__ = name
+        _METHODS[name] = fn
+    return fn
+
+
+def _call_value(fn, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+def _flip(fn):
+    def flipped(a, b):
+        return fn(b, a)
+
+    return flipped
+
+
+def _graph_of(args, kwargs):
+    for a in args:
+        if isinstance(a, Proxy):
+            return a._graph
+        if isinstance(a, (tuple, list)):
+            for x in a:
+                if isinstance(x, Proxy):
+                    return x._graph
+    for a in (kwargs or {}).values():
+        if isinstance(a, Proxy):
+            return a._graph
+    raise _C.InterventionError("internal: no proxy among the arguments")
+
+
+def _aten_name(func):
+    name = getattr(func, "__name__", "") or ""
+    if name.startswith("__") and name.endswith("__"):
+        return _DUNDER_ATEN.get(name[2:-2], "")
+    return name
+
+
+class Proxy:
+    """A value of the traced model (or computed from one), known once the trace runs.
+
+    Inside the trace every operation records a node. After the trace, ``.value``
+    holds saved values, and operations evaluate at once on the value.
+    """
+
+    __slots__ = ("_graph", "_node", "__weakref__")
+
+    def __init__(self, graph, node):
+        self._graph = graph
+        self._node = node
+
+    # -- values ----------------------------------------------------------------
+
+    def save(self):
+        """Keeps this value after the trace (and puts it in place of the local variable)."""
+        if self._graph.state == RECORDING:
+            self._graph.saved.append(self._node)
+        return self
+
+    @property
+    def value(self):
+        """The value, once the trace ran. ``ValueError`` if unsaved or never set."""
+        g = self._graph
+        if g.state != DONE:
+            raise ValueError(
+                "this value is not available while the trace is being recorded: "
+                "values exist once the `with` block has exited"
+            )
+        try:
+            return g.values[self._node]
+        except KeyError:
+            raise ValueError(g.why_unset(self._node)) from None
+
+    def stop(self):
+        """Ends the forward pass once this value is computed."""
+        self._graph.add(STOP, "", (self,))
+
+    # -- recording ---------------------------------------------------------------
+
+    def __getattr__(self, name):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return self._graph.add(GETATTR, name, (self,))
+
+    def __call__(self, *args, **kwargs):
+        g = self._graph
+        if g.state != RECORDING:
+            return self.value(*args, **kwargs)
+        record = g.nodes[self._node]
+        if record[0] == GETATTR and self._node == len(g.nodes) - 1:
+            # `x.sum(1)`: the attribute read was for a method call; record the call.
+            g.nodes.pop()
+            name = record[1]
+            return g.add(CALL, name, (record[2][0], *args), kwargs or None, fn=_method(name))
+        return g.add(CALL, "", (self, *args), kwargs or None, fn=_call_value)
+
+    def __getitem__(self, key):
+        return self._graph.add(GETITEM, "", (self, key))
+
+    def __setitem__(self, key, value):
+        self._graph.add(SETITEM, "", (self, key, value))
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        graph = _graph_of(args, kwargs)
+        name = _aten_name(func)
+        if func is _TENSOR_GETITEM:
+            return graph.add(GETITEM, "", tuple(args))
+        if func is _TENSOR_SETITEM:
+            graph.add(SETITEM, "", tuple(args))
+            return None
+        if kwargs:
+            kwargs = dict(kwargs)
+            kwargs.pop("_stacklevel", None)  # torch.nn.functional bookkeeping, not an op argument
+            if "inplace" in kwargs and name:
+                name = name + "_" if kwargs.pop("inplace") else name
+        return graph.add(CALL, name, tuple(args), kwargs or None, fn=func)
+
+    def __bool__(self):
+        raise _C.InterventionError(
+            "a proxy has no truth value while the trace is being recorded (its value is computed when the "
+            "model runs): use `with tracer.cond(condition):` for a branch, or test the saved value after the trace"
+        )
+
+    def __iter__(self):
+        raise _C.InterventionError(
+            "a proxy cannot be iterated while the trace is being recorded: index it (`proxy[0]`), "
+            "or iterate over the saved value after the trace"
+        )
+
+    def __len__(self):
+        raise _C.InterventionError(
+            "len() of a proxy is not known while the trace is being recorded: use `nnsight.apply(len, proxy)`, "
+            "or `proxy.shape[0]`"
+        )
+
+    __hash__ = object.__hash__
+
+    def __repr__(self):
+        g = self._graph
+        if g.state == DONE and self._node in g.values:
+            return repr(g.values[self._node])
+        state = "recording" if g.state == RECORDING else "unset"
+        return f"<fastinterleave.Proxy node {self._node} ({state})>"
+
+
+_TENSOR_GETITEM = __import__("torch").Tensor.__getitem__
+_TENSOR_SETITEM = __import__("torch").Tensor.__setitem__
+
+
+def _binary(aten, fn):
+    def method(self, other):
+        return self._graph.add(CALL, aten, (self, other), fn=fn)
+
+    return method
+
+
+def _reflected(aten, fn, swap):
+    """`other OP self`: recorded as aten(self, other) for commutative / r-ops, else aten(other, self)."""
+    flipped = _flip(fn)
+    if swap:
+
+        def method(self, other):
+            return self._graph.add(CALL, aten, (other, self), fn=fn)
+
+    else:
+
+        def method(self, other):
+            return self._graph.add(CALL, aten, (self, other), fn=flipped)
+
+    return method
+
+
+def _unary(aten, fn):
+    def method(self):
+        return self._graph.add(CALL, aten, (self,), fn=fn)
+
+    return method
+
+
+for _name, _fn in [
+    ("add", operator.add), ("sub", operator.sub), ("mul", operator.mul), ("truediv", operator.truediv),
+    ("floordiv", operator.floordiv), ("mod", operator.mod), ("pow", operator.pow), ("matmul", operator.matmul),
+    ("and", operator.and_), ("or", operator.or_), ("xor", operator.xor), ("lshift", operator.lshift),
+    ("rshift", operator.rshift), ("lt", operator.lt), ("le", operator.le), ("gt", operator.gt),
+    ("ge", operator.ge), ("eq", operator.eq), ("ne", operator.ne),
+]:
+    setattr(Proxy, f"__{_name}__", _binary(_DUNDER_ATEN[_name], _fn))
+
+# Reflected operators. Commutative ones keep the proxy first so the ATen
+# overload with a Tensor `self` applies; `rsub` has its own ATen op.
+for _name, _aten, _fn, _swap in [
+    ("radd", "add", operator.add, False), ("rmul", "mul", operator.mul, False),
+    ("rand", "bitwise_and", operator.and_, False), ("ror", "bitwise_or", operator.or_, False),
+    ("rxor", "bitwise_xor", operator.xor, False), ("rsub", "rsub", operator.sub, False),
+    ("rpow", "pow", operator.pow, True), ("rmatmul", "matmul", operator.matmul, True),
+    ("rtruediv", "", operator.truediv, True), ("rfloordiv", "", operator.floordiv, True),
+    ("rmod", "", operator.mod, True),
+]:
+    setattr(Proxy, f"__{_name}__", _reflected(_aten, _fn, _swap))
+
+for _name, _fn in [("neg", operator.neg), ("pos", operator.pos), ("abs", operator.abs), ("invert", operator.invert)]:
+    setattr(Proxy, f"__{_name}__", _unary(_DUNDER_ATEN[_name], _fn))
+
+# The engine's argument converter turns proxies into references to their nodes.
+_C.set_proxy_type(Proxy)

@@ -1,0 +1,223 @@
+"""Tracer and Invoker: record interventions, then run them with the model."""
+
+import ctypes
+import sys
+
+from . import _C
+from .config import CONFIG
+from .errors import annotate
+from .graph import CALL, OUTPUT, RUNNING, SITE, STOP, SWAP, Graph
+from .proxy import Proxy
+
+_CO_OPTIMIZED = 0x0001
+
+# Traces being recorded, innermost last (module-level helpers record into it).
+_OPEN = []
+
+
+def current_tracer():
+    """The trace being recorded, or None."""
+    return _OPEN[-1] if _OPEN else None
+
+
+class Invoker:
+    """One input of a batched trace: ``with tracer.invoke(x):``.
+
+    ``invoker.inputs`` is the prepared ``(args, kwargs)``; ``invoker.batch_size``
+    how many rows it adds to the batch."""
+
+    def __init__(self, tracer, *inputs, **kwargs):
+        self.tracer = tracer
+        self._raw = (inputs, kwargs)
+        self.inputs = None
+        self.batch_size = None
+        self.index = None
+
+    def __enter__(self):
+        tracer = self.tracer
+        if tracer._invoker is not None:
+            raise _C.InterventionError(
+                "an invoke is already open: close it (leave its `with` block) before opening another"
+            )
+        if tracer._graph.state != 0:
+            raise _C.InterventionError("this trace has already run")
+        inputs, kwargs = self._raw
+        self.inputs, self.batch_size = tracer._model._prepare_input(*inputs, **kwargs)
+        self.index = len(tracer._invokers)
+        tracer._invokers.append(self)
+        tracer._invoker = self
+        tracer._graph.invoker = self.index
+        tracer._cache.clear()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.tracer._invoker = None
+        return False
+
+
+class Tracer:
+    """``with model.trace(...) as tracer:`` records interventions; they run with
+    one forward pass of all invokes' inputs when the block exits."""
+
+    def __init__(self, model, *inputs, scan=False, validate=False, remote=False, backend=None, **kwargs):
+        if remote or backend is not None:
+            raise NotImplementedError(
+                "fastinterleave runs models locally: remote execution (remote=True / backend=...) is not supported"
+            )
+        self._model = model
+        self._graph = Graph()
+        self._invokers = []
+        self._invoker = None
+        self._cache = {}
+        self._frame = None
+        self._implicit = None
+        self._model_kwargs = {}
+        self.output = None
+        if inputs:
+            # Positional inputs make one implicit invoke; other keywords go to the model call.
+            self._implicit = Invoker(self, *inputs)
+            self._model_kwargs = kwargs
+        elif kwargs:
+            # Keyword-only inputs (`model.trace(**tokenizer(...))`) are the invoke's inputs.
+            self._implicit = Invoker(self, **kwargs)
+
+    # -- the block -------------------------------------------------------------------
+
+    def __enter__(self):
+        root = self._model._envoy
+        if root._tracer is not None:
+            raise _C.InterventionError("a trace of this model is already open: traces cannot be nested")
+        object.__setattr__(root, "_tracer", self)
+        _OPEN.append(self)
+        self._frame = sys._getframe(1)
+        if self._implicit is not None:
+            try:
+                self._implicit.__enter__()
+            except BaseException:
+                self._close()
+                raise
+        return self
+
+    def _close(self):
+        object.__setattr__(self._model._envoy, "_tracer", None)
+        if self in _OPEN:
+            _OPEN.remove(self)
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._implicit is not None:
+            self._implicit.__exit__(None, None, None)
+        self._close()
+        frame, self._frame = self._frame, None
+        if exc_type is not None:
+            return False
+        self._execute()
+        if CONFIG.APP.FRAME_INJECTION:
+            _inject(frame, self._graph)
+        return False
+
+    def invoke(self, *inputs, **kwargs):
+        """A batch entry: ``with tracer.invoke(x):`` (all invokes run in one forward pass)."""
+        return Invoker(self, *inputs, **kwargs)
+
+    # -- recording helpers ----------------------------------------------------------------
+
+    def _site(self, path, kind, projection):
+        key = (path, kind, projection, 0)
+        proxy = self._cache.get(key)
+        if proxy is None:
+            graph = self._graph
+            proxy = graph.add(SITE, "", (), None, graph.site(path, kind), 0, projection)
+            self._cache[key] = proxy
+        return proxy
+
+    def _swap(self, path, kind, projection, value):
+        target = self._site(path, kind, projection)
+        self._graph.add(SWAP, "", (target, value))
+        # Later reads of this site see the swapped value: they get a new node.
+        for key in [k for k in self._cache if k[0] == path and k[1] == kind]:
+            del self._cache[key]
+
+    def stop(self):
+        """Ends the forward pass here; values saved before it are kept."""
+        self._graph.add(STOP)
+
+    def apply(self, fn, *args, **kwargs):
+        """Records ``fn(*args, **kwargs)`` (a Python callable run when the model runs)."""
+        return self._graph.add(CALL, "", args, kwargs or None, fn=fn)
+
+    def log(self, *args):
+        """Prints values when the model runs."""
+        self.apply(print, *args)
+
+    # -- running -------------------------------------------------------------------------
+
+    def _execute(self):
+        graph = self._graph
+        model = self._model
+        if not self._invokers:
+            raise _C.InterventionError(
+                "this trace has no inputs: pass them to model.trace(...) or open `with tracer.invoke(...)` blocks"
+            )
+        batched = None
+        layout = []
+        start = 0
+        for inv in self._invokers:
+            args, kwargs = inv.inputs
+            batched = model._batch(batched, *args, **kwargs)
+            layout.append((start, inv.batch_size))
+            start += inv.batch_size
+        args, kwargs = batched
+        if self._model_kwargs:
+            kwargs = {**kwargs, **self._model_kwargs}
+
+        saved = sorted(set(graph.saved))
+        values = {}
+        graph.state = RUNNING
+        try:
+            plan = _C.compile(graph.nodes, graph.sites, layout, start, saved, graph.lines, graph)
+            run = _C.Run(plan, graph.fns, CONFIG.engine.python_fallback)
+            handles = []
+            try:
+                for i, (path, kind) in enumerate(plan.sites):
+                    module = model._model.get_submodule(path)
+                    if kind == OUTPUT:
+                        handles.append(module.register_forward_hook(run.output_hook(i), prepend=True))
+                    else:
+                        handles.append(
+                            module.register_forward_pre_hook(run.input_hook(i), prepend=True, with_kwargs=True)
+                        )
+                try:
+                    run.begin()
+                    self.output = model._execute(*args, **kwargs)
+                except _C.EarlyStop:
+                    run.end_stopped()
+                else:
+                    run.end()
+                for node in saved:
+                    if run.has_value(node):
+                        values[node] = run.value(node)
+            finally:
+                for handle in handles:
+                    handle.remove()
+                run.release()
+        except BaseException as e:
+            graph.finish(values)
+            raise annotate(e, graph)
+        graph.finish(values)
+
+
+def _inject(frame, graph):
+    """Replaces the frame's top-level locals that hold saved proxies of `graph` by their values."""
+    if frame is None:
+        return
+    local_vars = frame.f_locals
+    changed = False
+    for name, value in list(local_vars.items()):
+        if type(value) is Proxy and value._graph is graph and value._node in graph.values:
+            local_vars[name] = graph.values[value._node]
+            changed = True
+    if changed and sys.version_info < (3, 13) and frame.f_code.co_flags & _CO_OPTIMIZED:
+        # Before PEP 667, writes to a function frame's f_locals need copying back.
+        ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+
+
