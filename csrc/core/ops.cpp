@@ -275,7 +275,13 @@ std::optional<IValue> call_op(const OpCandidates& op, const std::vector<IValue>&
     if (n == 0) return IValue();
     std::vector<IValue> outs(std::make_move_iterator(stack.end() - static_cast<std::ptrdiff_t>(n)),
                              std::make_move_iterator(stack.end()));
-    return IValue(c10::ivalue::Tuple::create(std::move(outs)));
+    bool named = true;
+    for (const auto& r : schema.returns()) named &= !r.name().empty();
+    if (!named) return IValue(c10::ivalue::Tuple::create(std::move(outs)));
+    // Named returns (`x.max(dim)` -> values, indices): fields reachable by name and index.
+    c10::impl::GenericDict fields(c10::StringType::get(), c10::AnyType::get());
+    for (size_t i = 0; i < n; ++i) fields.insert(schema.returns()[i].name(), std::move(outs[i]));
+    return make_record(std::move(fields), c10::make_intrusive<ReturnTypeTag>(op.name));
   }
   return std::nullopt;
 }

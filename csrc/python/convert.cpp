@@ -86,6 +86,13 @@ IValue to_ivalue(py::handle obj) {
   return opaque(obj);
 }
 
+IValue result_to_ivalue(py::handle obj) {
+  // A list/dict/set made by Python code (nnsight.list(), fn results) stays the
+  // same object, so later calls (append, update) change it, not a copy.
+  if (PyList_CheckExact(obj.ptr()) || PyDict_CheckExact(obj.ptr()) || PyAnySet_Check(obj.ptr())) return opaque(obj);
+  return to_ivalue(obj);
+}
+
 py::object to_python(const IValue& v, py::handle like) {
   if (v.isTensor()) return py::reinterpret_steal<py::object>(THPVariable_Wrap(v.toTensor()));
   if (v.isNone()) return py::none();
@@ -126,8 +133,16 @@ py::object to_python(const IValue& v, py::handle like) {
       py::handle sub = like && PyDict_Check(like.ptr()) ? PyDict_GetItemString(like.ptr(), kv.key().toStringRef().c_str()) : nullptr;
       fields[py::str(kv.key().toStringRef())] = to_python(kv.value(), sub);
     }
-    auto* cls = dynamic_cast<PyObjectHolder*>(r->type.get());
-    return cls ? cls->obj(**fields) : py::object(std::move(fields));
+    if (auto* cls = dynamic_cast<PyObjectHolder*>(r->type.get())) return cls->obj(**fields);
+    if (auto* ret = dynamic_cast<ReturnTypeTag*>(r->type.get())) {
+      py::tuple values(py::len(fields));
+      size_t i = 0;
+      for (auto kv : fields) values[i++] = kv.second;
+      py::module_ types = py::module_::import("torch.return_types");
+      if (py::hasattr(types, ret->op.c_str())) return types.attr(ret->op.c_str())(values);
+      return std::move(values);
+    }
+    return std::move(fields);
   }
   if (v.isCapsule()) {
     if (auto* h = dynamic_cast<PyObjectHolder*>(v.toCapsule().get())) return h->obj;

@@ -19,6 +19,9 @@ struct PyObjectHolder : torch::CustomClassHolder {
 };
 
 c10::IValue to_ivalue(py::handle obj);
+// A Python result (of a fallback node): like to_ivalue, but mutable containers
+// stay opaque so Python code can keep changing the same object.
+c10::IValue result_to_ivalue(py::handle obj);
 // `like` (optional) is the Python value this one replaces: its tuple subclass
 // (namedtuple, torch.Size) is kept.
 py::object to_python(const c10::IValue& value, py::handle like = py::handle());

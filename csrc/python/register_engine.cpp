@@ -85,7 +85,7 @@ class PyRun {
   c10::IValue fallback(const Node& n, const ResolvedArgs& args, const ResolvedKwargs& kwargs) {
     switch (n.op) {
       case Op::GetItem:
-        return to_ivalue(arg_to_python(args[0])[arg_to_python(args[1])]);
+        return result_to_ivalue(arg_to_python(args[0])[arg_to_python(args[1])]);
       case Op::SetItem: {
         py::object target = arg_to_python(args[0]);
         if (PyObject_SetItem(target.ptr(), arg_to_python(args[1]).ptr(), arg_to_python(args[2]).ptr()) != 0) {
@@ -94,14 +94,14 @@ class PyRun {
         return c10::IValue();
       }
       case Op::GetAttr:
-        return to_ivalue(arg_to_python(args[0]).attr(py::str(n.name)));
+        return result_to_ivalue(arg_to_python(args[0]).attr(py::str(n.name)));
       default: {
         py::tuple pargs(args.size());
         for (size_t i = 0; i < args.size(); ++i) pargs[i] = arg_to_python(args[i]);
         py::dict pkw;
         for (const auto& [k, v] : kwargs) pkw[py::str(k)] = arg_to_python(v);
         py::object fn = fns_[static_cast<size_t>(n.py_fn)];
-        return to_ivalue(fn(*pargs, **pkw));
+        return result_to_ivalue(fn(*pargs, **pkw));
       }
     }
   }
@@ -276,10 +276,21 @@ void register_engine(py::module_& m) {
       .def("output_hook", [](std::shared_ptr<PyRun> r, int32_t site) { return OutputHook{std::move(r), site}; })
       .def("input_hook", [](std::shared_ptr<PyRun> r, int32_t site) { return InputHook{std::move(r), site}; });
 
-  m.def("save_tensors", [](const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& ts) {
+  m.def("save_tensors", [](const std::string& path, py::list items) {
+    NamedTensors ts;
+    for (py::handle item : items) {
+      auto pair = item.cast<py::tuple>();
+      c10::IValue v = to_ivalue(pair[1]);
+      if (!v.isTensor()) throw std::invalid_argument("save_tensors: values must be tensors");
+      ts.emplace_back(pair[0].cast<std::string>(), v.toTensor());
+    }
     write_file(path, serialize_tensors(ts));
   });
-  m.def("load_tensors", [](const std::string& path) { return deserialize_tensors(read_file(path)); });
+  m.def("load_tensors", [](const std::string& path) {
+    py::list out;
+    for (auto& [name, t] : deserialize_tensors(read_file(path))) out.append(py::make_tuple(name, to_python(c10::IValue(t))));
+    return out;
+  });
 }
 
 }  // namespace fastinterleave::python

@@ -73,6 +73,7 @@ class Tracer:
         self._implicit = None
         self._model_kwargs = {}
         self.output = None
+        self._plan = None  # the compiled plan, once run
         if inputs:
             # Positional inputs make one implicit invoke; other keywords go to the model call.
             self._implicit = Invoker(self, *inputs)
@@ -174,7 +175,7 @@ class Tracer:
         values = {}
         graph.state = RUNNING
         try:
-            plan = _C.compile(graph.nodes, graph.sites, layout, start, saved, graph.lines, graph)
+            plan = self._plan = _C.compile(graph.nodes, graph.sites, layout, start, saved, graph.lines, graph)
             run = _C.Run(plan, graph.fns, CONFIG.engine.python_fallback)
             handles = []
             try:

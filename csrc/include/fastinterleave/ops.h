@@ -34,6 +34,13 @@ struct Record : torch::CustomClassHolder {
   c10::impl::GenericDict fields;
   c10::intrusive_ptr<torch::CustomClassHolder> type;
 };
+// The type tag of a record made from an op's named returns (`max(dim)` gives
+// values, indices): Python rebuilds torch.return_types.<op>.
+struct ReturnTypeTag : torch::CustomClassHolder {
+  explicit ReturnTypeTag(std::string op) : op(std::move(op)) {}
+  std::string op;
+};
+
 c10::IValue make_record(c10::impl::GenericDict fields, c10::intrusive_ptr<torch::CustomClassHolder> type);
 const Record* as_record(const c10::IValue& value);
 

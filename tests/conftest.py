@@ -1,0 +1,89 @@
+"""Shared fixtures: devices and small models built in code (nothing is downloaded)."""
+
+import os
+from collections import OrderedDict
+
+import pytest
+import torch
+
+
+def devices():
+    """CPU, plus CUDA when present (FASTINTERLEAVE_TEST_DEVICE=cuda forces it alone)."""
+    forced = os.environ.get("FASTINTERLEAVE_TEST_DEVICE")
+    if forced:
+        return [forced]
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=devices())
+def device(request):
+    return torch.device(request.param)
+
+
+def make_tiny(device="cpu", seed=0):
+    """``Sequential(layer1=Linear(5, 10), layer2=Linear(10, 2))``, nnsight's tiny test model."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        OrderedDict(layer1=torch.nn.Linear(5, 10), layer2=torch.nn.Linear(10, 2))
+    )
+    return net.to(device).eval()
+
+
+def make_gpt2(n_layer=2, n_embd=32, n_head=2, vocab_size=100, device="cpu", seed=0):
+    """A GPT-2-shaped LM with random weights (transformers.GPT2Config)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size, n_positions=64,
+        attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(config).to(device).eval()
+
+
+@pytest.fixture
+def tiny(device):
+    return make_tiny(device)
+
+
+@pytest.fixture
+def gpt2(device):
+    return make_gpt2(device=device)
+
+
+@pytest.fixture
+def x(device):
+    torch.manual_seed(1)
+    return torch.rand(1, 5, device=device)
+
+
+class Hooks:
+    """Plain PyTorch hooks, registered by hand: the reference every test compares to."""
+
+    def __init__(self):
+        self.handles = []
+
+    def output(self, module, fn):
+        """fn(output) -> new output or None."""
+        self.handles.append(module.register_forward_hook(lambda m, a, o: fn(o)))
+
+    def pre(self, module, fn):
+        """fn(args) -> new args or None."""
+        self.handles.append(module.register_forward_pre_hook(lambda m, a: fn(a)))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+@pytest.fixture
+def hooks():
+    with Hooks() as h:
+        yield h
