@@ -7,6 +7,30 @@ import pytest
 import torch
 
 
+NO_FALLBACK = os.environ.get("FASTINTERLEAVE_NO_FALLBACK") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "python_fallback: the test runs Python code inside the trace (nnsight.apply, module calls, "
+        "Python objects), so it needs the engine's Python fallback",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _engine_fallback():
+    """FASTINTERLEAVE_NO_FALLBACK=1 runs every test with the Python fallback off:
+    what passes then ran entirely in the C++ engine."""
+    import fastinterleave
+
+    before = fastinterleave.CONFIG.engine.python_fallback
+    if NO_FALLBACK:
+        fastinterleave.CONFIG.engine.python_fallback = False
+    yield
+    fastinterleave.CONFIG.engine.python_fallback = before
+
+
 def devices():
     """CPU, plus CUDA when present (FASTINTERLEAVE_TEST_DEVICE=cuda forces it alone)."""
     forced = os.environ.get("FASTINTERLEAVE_TEST_DEVICE")

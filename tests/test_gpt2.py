@@ -479,6 +479,7 @@ def test_invoke_batch3_and_batch1(gpt2, ids8, hooks):
 # -- module calls ----------------------------------------------------------------------------------
 
 
+@pytest.mark.python_fallback
 def test_adhoc_lm_head_call(gpt2, ids, hooks):
     """Logit lens: `lm_head(ln_f(h[0].output[0]))` called inside the trace."""
     model = nnsight.NNsight(gpt2)

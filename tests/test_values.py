@@ -1028,6 +1028,7 @@ def test_ineffective_edit_raises(tiny, x):
     assert_unchanged(tiny, x, out)
 
 
+@pytest.mark.python_fallback
 def test_list_append_program_order(tiny, x):
     """`hs.append(l2.output); n = nnsight.apply(len, hs)` gives 1 (side effects in program order)."""
     model = nnsight.NNsight(tiny)
@@ -1044,6 +1045,7 @@ def test_list_append_program_order(tiny, x):
     assert_unchanged(tiny, x, out)
 
 
+@pytest.mark.python_fallback
 def test_list_append_then_len_early(tiny, x):
     model = nnsight.NNsight(tiny)
     _, out = plain(tiny, x)
@@ -1056,6 +1058,7 @@ def test_list_append_then_len_early(tiny, x):
     assert_unchanged(tiny, x, out)
 
 
+@pytest.mark.python_fallback
 def test_apply(tiny, x):
     model = nnsight.NNsight(tiny)
     h, out = plain(tiny, x)
@@ -1071,6 +1074,7 @@ def test_apply(tiny, x):
     assert_unchanged(tiny, x, out)
 
 
+@pytest.mark.python_fallback
 def test_apply_result_used_as_edit(tiny, x):
     model = nnsight.NNsight(tiny)
     h, out = plain(tiny, x)
@@ -1085,6 +1089,7 @@ def test_apply_result_used_as_edit(tiny, x):
 # -- module calls and parameters -------------------------------------------------------------
 
 
+@pytest.mark.python_fallback
 def test_adhoc_module_call(tiny, x):
     model = nnsight.NNsight(tiny)
     h, out = plain(tiny, x)
@@ -1097,6 +1102,7 @@ def test_adhoc_module_call(tiny, x):
     assert_unchanged(tiny, x, out)
 
 
+@pytest.mark.python_fallback
 def test_adhoc_module_call_does_not_fire_sites(tiny, x):
     """An ad-hoc call of layer2 is not a call of the model's layer2: its edit stays separate."""
     model = nnsight.NNsight(tiny)

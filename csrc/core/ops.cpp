@@ -5,6 +5,7 @@
 #include <ATen/TensorIndexing.h>
 #include <ATen/core/jit_type.h>
 #include <torch/csrc/jit/runtime/operator.h>
+#include <torch/library.h>
 
 #include <mutex>
 #include <unordered_map>
@@ -67,8 +68,17 @@ const OpCandidates* resolve_op(const std::string& name) {
   if (it != cache.end()) return it->second.get();
   auto cands = std::make_unique<OpCandidates>();
   cands->name = name;
-  if (!name.empty() && name.find(':') == std::string::npos) {
-    for (const auto& op : torch::jit::getAllOperatorsFor(c10::Symbol::aten(name))) {
+  // "a|b": the overloads of aten::a, then those of aten::b (Python's `//` is
+  // floor_divide on tensors and floordiv on ints). "ns::op" names a namespace.
+  size_t begin = 0;
+  while (begin < name.size()) {
+    size_t end = name.find('|', begin);
+    if (end == std::string::npos) end = name.size();
+    const std::string part = name.substr(begin, end - begin);
+    begin = end + 1;
+    if (part.empty()) continue;
+    c10::Symbol sym = part.find("::") == std::string::npos ? c10::Symbol::aten(part) : c10::Symbol::fromQualString(part);
+    for (const auto& op : torch::jit::getAllOperatorsFor(sym)) {
       // Operators built per graph node (OperationCreator) cannot run without one.
       if (!op->hasOperation()) continue;
       const auto& schema = op->schema();
@@ -569,3 +579,14 @@ bool is_inplace_op(Op op, const std::string& name) {
 }
 
 }  // namespace fastinterleave
+
+// Python operators with no ATen op of their own.
+TORCH_LIBRARY(fastinterleave, m) {
+  // `other / self` (Python's __rtruediv__): torch computes self.reciprocal() * other.
+  m.def("rtruediv.Scalar(Tensor self, Scalar other) -> Tensor", [](const at::Tensor& self, const at::Scalar& other) {
+    return self.reciprocal().mul(other);
+  });
+  m.def("rtruediv.int(int self, int other) -> float",
+        [](int64_t self, int64_t other) { return static_cast<double>(other) / static_cast<double>(self); });
+  m.def("rtruediv.float(float self, float other) -> float", [](double self, double other) { return other / self; });
+}

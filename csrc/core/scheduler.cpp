@@ -62,6 +62,13 @@ int32_t Run::next_undone(int32_t i) {
 
 void Run::begin() { execute_from(0); }
 
+void Run::check_site(int32_t site) const {
+  if (site < 0 || static_cast<size_t>(site) >= calls_.size()) {
+    throw std::out_of_range("fastinterleave: site " + std::to_string(site) + " is not in this plan (it has " +
+                            std::to_string(calls_.size()) + ")");
+  }
+}
+
 // nnsight 0.4.11's rule: run the nodes recorded from `first` on, in order,
 // skipping those already run, until an access to a site that has not fired yet
 // or a node whose inputs are not all there.
@@ -320,6 +327,7 @@ IValue Run::apply_swap(const IValue& current, int32_t site_node, const IValue& r
 }
 
 bool Run::fire(int32_t site, IValue& value) {
+  check_site(site);
   if (finished_ || running_node_ >= 0) return false;
   const SitePlan& sp = plan_->sites[static_cast<size_t>(site)];
   const int32_t call = calls_[static_cast<size_t>(site)]++;

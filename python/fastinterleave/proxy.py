@@ -7,7 +7,7 @@ from .graph import CALL, DONE, GETATTR, GETITEM, RECORDING, SETITEM, STOP
 
 # Python operator -> ATen op name (the engine runs these natively).
 _DUNDER_ATEN = {
-    "add": "add", "sub": "sub", "mul": "mul", "truediv": "div", "div": "div", "floordiv": "floor_divide",
+    "add": "add", "sub": "sub", "mul": "mul", "truediv": "div", "div": "div", "floordiv": "floor_divide|floordiv",
     "mod": "remainder", "pow": "pow", "matmul": "matmul", "and": "bitwise_and", "or": "bitwise_or",
     "xor": "bitwise_xor", "lshift": "bitwise_left_shift", "rshift": "bitwise_right_shift",
     "lt": "lt", "le": "le", "gt": "gt", "ge": "ge", "eq": "eq", "ne": "ne",
@@ -221,7 +221,7 @@ for _name, _aten, _fn, _swap in [
     ("rand", "bitwise_and", operator.and_, False), ("ror", "bitwise_or", operator.or_, False),
     ("rxor", "bitwise_xor", operator.xor, False), ("rsub", "rsub", operator.sub, False),
     ("rpow", "pow", operator.pow, True), ("rmatmul", "matmul", operator.matmul, True),
-    ("rtruediv", "", operator.truediv, True), ("rfloordiv", "", operator.floordiv, True),
+    ("rtruediv", "fastinterleave::rtruediv", operator.truediv, False), ("rfloordiv", "", operator.floordiv, True),
     ("rmod", "", operator.mod, True),
 ]:
     setattr(Proxy, f"__{_name}__", _reflected(_aten, _fn, _swap))

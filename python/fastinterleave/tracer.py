@@ -11,6 +11,9 @@ from .proxy import Proxy
 
 _CO_OPTIMIZED = 0x0001
 
+# Python builtins the engine runs natively (TorchScript's operators of the same meaning).
+_BUILTIN_OPS = {len: "len", abs: "abs", int: "Int", float: "Float", bool: "Bool"}
+
 # Traces being recorded, innermost last (module-level helpers record into it).
 _OPEN = []
 
@@ -144,7 +147,7 @@ class Tracer:
 
     def apply(self, fn, *args, **kwargs):
         """Records ``fn(*args, **kwargs)`` (a Python callable run when the model runs)."""
-        return self._graph.add(CALL, "", args, kwargs or None, fn=fn)
+        return self._graph.add(CALL, _BUILTIN_OPS.get(fn, ""), args, kwargs or None, fn=fn)
 
     def log(self, *args):
         """Prints values when the model runs."""

@@ -65,11 +65,17 @@ class Run {
   // Whether the site's next call has requests (so the hook must convert and
   // fire); when not, skip_call() just counts the call.
   bool pending(int32_t site) const {
+    check_site(site);
     const SitePlan& sp = plan_->sites[static_cast<size_t>(site)];
     const size_t cur = cursor_[static_cast<size_t>(site)];
     return cur < sp.requests.size() && sp.requests[cur].first == calls_[static_cast<size_t>(site)];
   }
-  void skip_call(int32_t site) { ++calls_[static_cast<size_t>(site)]; }
+  void skip_call(int32_t site) {
+    check_site(site);
+    ++calls_[static_cast<size_t>(site)];
+  }
+  // Throws std::out_of_range for a site index the plan does not have.
+  void check_site(int32_t site) const;
 
   // Whether hooks should ignore fires right now (a node is running, e.g. a
   // Python fallback calling a module, or the run finished).
@@ -87,7 +93,10 @@ class Run {
   // The node's value (batch-sliced for its invoker). Throws if unset or freed.
   c10::IValue value(int32_t node);
   // How many times each plan site fired so far.
-  int32_t calls(int32_t site) const { return calls_[static_cast<size_t>(site)]; }
+  int32_t calls(int32_t site) const {
+    check_site(site);
+    return calls_[static_cast<size_t>(site)];
+  }
 
   // Drops every value held (saved ones included).
   void release();
