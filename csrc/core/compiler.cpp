@@ -52,11 +52,11 @@ std::shared_ptr<const Plan> compile(std::shared_ptr<const Graph> graph) {
         int32_t& ps = graph_site_to_plan[static_cast<size_t>(node.site)];
         if (ps < 0) {
           ps = static_cast<int32_t>(plan->sites.size());
-          plan->sites.push_back(SitePlan{graph->sites[static_cast<size_t>(node.site)], {}, 0});
+          plan->sites.push_back(SitePlan{graph->sites[static_cast<size_t>(node.site)], {}, {}});
         }
         auto& sp = plan->sites[static_cast<size_t>(ps)];
-        sp.requests.emplace_back(node.iteration, static_cast<int32_t>(i));
-        sp.last_call = std::max(sp.last_call, node.iteration);
+        if (node.repeats()) sp.repeating.push_back(static_cast<int32_t>(i));
+        else sp.requests.emplace_back(node.iteration, static_cast<int32_t>(i));
         plan->site_of_node[i] = ps;
         plan->alias_root[i] = static_cast<int32_t>(i);
         break;

@@ -1,5 +1,6 @@
 #include <fastinterleave/graph.h>
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace fastinterleave {
@@ -17,6 +18,18 @@ const char* op_name(Op op) {
     case Op::kCount: break;
   }
   return "?";
+}
+
+bool Node::reads_call(int32_t call) const {
+  if (!iter_list.empty()) return std::binary_search(iter_list.begin(), iter_list.end(), call);
+  if (iter_stop == kSingleCall) return call == iteration;
+  return call >= iteration && (iter_stop == kUnbounded || call < iter_stop);
+}
+
+int32_t Node::last_call() const {
+  if (!iter_list.empty()) return iter_list.back();
+  if (iter_stop == kSingleCall) return iteration;
+  return iter_stop == kUnbounded ? kUnbounded : iter_stop - 1;
 }
 
 int32_t Graph::site_index(const SiteKey& key) {
@@ -96,6 +109,12 @@ void Graph::validate() const {
         need_args(0);
         if (n.site < 0 || static_cast<size_t>(n.site) >= sites.size()) bad(i, "bad site index");
         if (n.iteration < 0) bad(i, "negative call index");
+        if (n.iter_stop < kSingleCall || (n.iter_stop >= 0 && n.iter_stop <= n.iteration)) bad(i, "bad call range");
+        for (size_t k = 0; k < n.iter_list.size(); ++k) {
+          if (n.iter_list[k] < 0 || (k > 0 && n.iter_list[k] <= n.iter_list[k - 1])) {
+            bad(i, "call list must be sorted, distinct and non-negative");
+          }
+        }
         if (n.projection == Projection::FirstArg && sites[static_cast<size_t>(n.site)].kind != HookKind::Input) {
           bad(i, "only an input site has a first argument");
         }

@@ -2,6 +2,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <numeric>
 
 namespace fastinterleave {
@@ -254,6 +255,7 @@ void Run::execute(int32_t node) {
   done_[i] = 1;
   skip_[i] = node + 1;
   if (plan_->use_count[i] > 0 || plan_->keep[i]) slots_[i] = std::move(out);
+  if (recording_body_ >= 0) bodies_[recording_body_].push_back(node);
   consume(node);
 }
 
@@ -261,7 +263,7 @@ void Run::consume(int32_t node) {
   const auto b = plan_->deps_begin[static_cast<size_t>(node)], e = plan_->deps_begin[static_cast<size_t>(node) + 1];
   for (auto k = b; k < e; ++k) {
     const auto d = static_cast<size_t>(plan_->deps[static_cast<size_t>(k)]);
-    if (--remaining_uses_[d] == 0 && !plan_->keep[d]) slots_[d] = Slot{};
+    if (--remaining_uses_[d] == 0 && !plan_->keep[d] && defer_frees_ == 0) slots_[d] = Slot{};
   }
 }
 
@@ -326,33 +328,71 @@ IValue Run::apply_swap(const IValue& current, int32_t site_node, const IValue& r
   return put(current);
 }
 
+bool Run::pending(int32_t site) const {
+  check_site(site);
+  const SitePlan& sp = plan_->sites[static_cast<size_t>(site)];
+  const int32_t call = calls_[static_cast<size_t>(site)];
+  const size_t cur = cursor_[static_cast<size_t>(site)];
+  if (cur < sp.requests.size() && sp.requests[cur].first == call) return true;
+  for (int32_t r : sp.repeating) {
+    if (graph_.nodes[static_cast<size_t>(r)].reads_call(call)) return true;
+  }
+  return false;
+}
+
+void Run::reset_body(int32_t node) {
+  for (int32_t j : bodies_[node]) {
+    const auto i = static_cast<size_t>(j);
+    done_[i] = 0;
+    slots_[i] = Slot{};
+    remaining_uses_[i] = plan_->use_count[i];
+    for (auto k = plan_->deps_begin[i]; k < plan_->deps_begin[i + 1]; ++k) {
+      remaining_uses_[static_cast<size_t>(plan_->deps[static_cast<size_t>(k)])] += 1;
+    }
+  }
+  bodies_[node].clear();
+  done_[static_cast<size_t>(node)] = 0;
+  remaining_uses_[static_cast<size_t>(node)] = plan_->use_count[static_cast<size_t>(node)];
+  // Undone nodes are back in the walk: rebuild its skip links.
+  for (size_t i = 0; i + 1 < skip_.size(); ++i) skip_[i] = static_cast<int32_t>(i) + (done_[i] ? 1 : 0);
+}
+
 bool Run::fire(int32_t site, IValue& value) {
   check_site(site);
   if (finished_ || running_node_ >= 0) return false;
   const SitePlan& sp = plan_->sites[static_cast<size_t>(site)];
   const int32_t call = calls_[static_cast<size_t>(site)]++;
+
+  // The nodes reading this call, in recording order.
+  std::vector<int32_t> matching;
   size_t& cur = cursor_[static_cast<size_t>(site)];
-  if (cur >= sp.requests.size() || sp.requests[cur].first != call) return false;
+  while (cur < sp.requests.size() && sp.requests[cur].first == call) matching.push_back(sp.requests[cur++].second);
+  const size_t fixed = matching.size();
+  for (int32_t r : sp.repeating) {
+    if (graph_.nodes[static_cast<size_t>(r)].reads_call(call)) matching.push_back(r);
+  }
+  if (matching.empty()) return false;
+  if (fixed && fixed < matching.size()) std::sort(matching.begin(), matching.end());
 
   bool changed = false;
   IValue current = value;
-  const size_t first = cur;
-  struct CloseWindows {  // the module uses the value once the hook returns
+  struct Restore {  // the module uses the value once the hook returns
     Run& run;
-    const SitePlan& sp;
-    size_t first;
-    size_t& last;
-    ~CloseWindows() {
-      for (size_t k = first; k < last; ++k) run.window_open_[static_cast<size_t>(sp.requests[k].second)] = 0;
+    const std::vector<int32_t>& nodes;
+    ~Restore() {
+      for (int32_t n : nodes) run.window_open_[static_cast<size_t>(n)] = 0;
       run.firing_node_ = -1;
+      run.recording_body_ = -1;
+      run.defer_frees_ = 0;
       run.pending_swaps_.clear();
     }
-  } close{*this, sp, first, cur};
+  } restore{*this, matching};
 
-  while (cur < sp.requests.size() && sp.requests[cur].first == call) {
-    const int32_t node = sp.requests[cur++].second;
+  for (const int32_t node : matching) {
     const size_t i = static_cast<size_t>(node);
     const Node& nd = graph_.nodes[i];
+    const bool repeats = nd.repeats();
+    if (repeats && done_[i]) reset_body(node);
     Slot s;
     s.set = true;
     if (nd.projection == Projection::FirstArg) {
@@ -374,7 +414,12 @@ bool Run::fire(int32_t site, IValue& value) {
     if (plan_->use_count[i] > 0 || plan_->keep[i]) slots_[i] = std::move(s);
     window_open_[i] = 1;
     firing_node_ = node;
+    recording_body_ = repeats ? node : -1;
+    // Until its last call, what a repeating body reads must outlive the body.
+    defer_frees_ = repeats && (nd.last_call() == kUnbounded || call < nd.last_call()) ? 1 : 0;
     execute_from(node + 1);
+    recording_body_ = -1;
+    defer_frees_ = 0;
     for (const auto& [target, repl] : pending_swaps_) {
       current = apply_swap(current, target, repl);
       changed = true;
@@ -388,23 +433,23 @@ bool Run::fire(int32_t site, IValue& value) {
 void Run::end() {
   finished_ = true;
   const auto n = static_cast<int32_t>(done_.size());
-  int32_t first_undone = next_undone(0);
-  if (first_undone >= n) return;
-  for (int32_t j = first_undone; j < n; j = next_undone(j + 1)) {
+  for (int32_t j = 0; j < n; ++j) {
     const Node& nd = graph_.nodes[static_cast<size_t>(j)];
     if (nd.op != Op::Site) continue;
     const int32_t ps = plan_->site_of_node[static_cast<size_t>(j)];
-    const SiteKey& key = graph_.sites[static_cast<size_t>(nd.site)];
     const int32_t c = calls_[static_cast<size_t>(ps)];
+    const int32_t last = nd.last_call();
+    // Every call a request names must have happened; .all() reads what there is.
+    const bool missing = last == kUnbounded ? false : c <= last;
+    if (!missing) continue;
+    const SiteKey& key = graph_.sites[static_cast<size_t>(nd.site)];
     std::string who = key.module.empty() ? std::string("the model") : "module '" + key.module + "'";
     std::string msg = std::string("this intervention needs the ") + (key.kind == HookKind::Output ? "output" : "input") +
-                      " of " + who + " at call " + std::to_string(nd.iteration) + ", but " +
+                      " of " + who + " at call " + std::to_string(last) + ", but " +
                       (c == 0 ? who + " was never called" : who + " was called only " + std::to_string(c) + " time" + (c == 1 ? "" : "s")) +
                       " during the forward pass: " + graph_.describe(j);
     throw NodeError(NodeError::Kind::NeverFired, j, -1, msg);
   }
-  throw NodeError(NodeError::Kind::Unsupported, first_undone, -1,
-                  "this intervention never became ready to run: " + graph_.describe(first_undone));
 }
 
 void Run::end_stopped() { finished_ = true; }

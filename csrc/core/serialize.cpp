@@ -240,6 +240,9 @@ std::string serialize_graph(const Graph& g) {
     for (const auto& kw : n.kwargs) { w.str(kw.first); w.arg(kw.second); }
     w.pod<int32_t>(n.site);
     w.pod<int32_t>(n.iteration);
+    w.pod<int32_t>(n.iter_stop);
+    w.pod<uint32_t>(static_cast<uint32_t>(n.iter_list.size()));
+    for (int32_t c : n.iter_list) w.pod<int32_t>(c);
     w.pod<int32_t>(n.invoker);
     w.pod<uint8_t>(static_cast<uint8_t>(n.projection));
     w.pod<int32_t>(n.line);
@@ -276,7 +279,7 @@ Graph deserialize_graph(const std::string& bytes) {
   }
   auto nlines = r.count(4);
   for (uint32_t i = 0; i < nlines; ++i) g.lines.push_back(r.str());
-  auto nnodes = r.count(30);
+  auto nnodes = r.count(34);
   for (uint32_t i = 0; i < nnodes; ++i) {
     Node n;
     auto op = r.pod<uint8_t>();
@@ -292,6 +295,9 @@ Graph deserialize_graph(const std::string& bytes) {
     }
     n.site = r.pod<int32_t>();
     n.iteration = r.pod<int32_t>();
+    n.iter_stop = r.pod<int32_t>();
+    auto ncalls = r.count(4);
+    for (uint32_t k = 0; k < ncalls; ++k) n.iter_list.push_back(r.pod<int32_t>());
     n.invoker = r.pod<int32_t>();
     auto proj = r.pod<uint8_t>();
     if (proj > 1) r.fail("unknown projection");

@@ -45,7 +45,18 @@ std::shared_ptr<Graph> build_graph(py::list nodes, py::list sites, py::list invo
       for (auto kv : kw.cast<py::dict>()) n.kwargs.emplace_back(kv.first.cast<std::string>(), to_arg(kv.second, token));
     }
     n.site = py::cast<int32_t>(PyTuple_GET_ITEM(t, 4));
-    n.iteration = py::cast<int32_t>(PyTuple_GET_ITEM(t, 5));
+    // Which calls: an int, (start, stop or None) for a range / .all(), or a list.
+    py::handle it = PyTuple_GET_ITEM(t, 5);
+    if (PyLong_Check(it.ptr())) {
+      n.iteration = it.cast<int32_t>();
+    } else if (PyTuple_Check(it.ptr())) {
+      auto range = it.cast<py::tuple>();
+      n.iteration = range[0].cast<int32_t>();
+      n.iter_stop = range[1].is_none() ? kUnbounded : range[1].cast<int32_t>();
+    } else {
+      n.iter_list = it.cast<std::vector<int32_t>>();
+      if (!n.iter_list.empty()) n.iteration = n.iter_list.front();
+    }
     n.invoker = py::cast<int32_t>(PyTuple_GET_ITEM(t, 6));
     n.projection = static_cast<Projection>(py::cast<int>(PyTuple_GET_ITEM(t, 7)));
     n.py_fn = py::cast<int32_t>(PyTuple_GET_ITEM(t, 8));

@@ -91,6 +91,27 @@ class Envoy:
             return self._module(*args, **kwargs)
         return tracer._graph.add(CALL, "", args, kwargs or None, fn=self._module.forward)
 
+    # -- iteration (a module's k-th call in one forward pass, or generation step k) --
+
+    def next(self, n=1):
+        """Later accesses (here and below, for the rest of the invoke) read the next call."""
+        tracer = self._open_tracer("next()")
+        current = tracer._iterations.get(self._path, 0)
+        if type(current) is not int:
+            raise _C.InterventionError(".next() cannot follow .all() or .iter[...] on the same module")
+        for envoy in self.modules():
+            tracer._iterations[envoy._path] = current + n
+        return self
+
+    def all(self):
+        """Accesses (here and below) read every call. Lasts for the invoke, or the `with` block."""
+        return IterationEnvoy(self, (0, None), persist=True)
+
+    @property
+    def iter(self):
+        """``envoy.iter[k | [k, ...] | a:b]``: the given calls, one-off or as a `with` block."""
+        return _IterIndexer(self)
+
     def modules(self):
         """This envoy and all below it, depth first."""
         out = [self]
@@ -138,3 +159,110 @@ class Envoy:
     @input.setter
     def input(self, value):
         self._open_tracer("input")._swap(self._path, INPUT, FIRST_ARG, value)
+
+
+def _calls(spec):
+    """An iteration spec as the engine takes it: int, (start, stop or None), or a sorted list."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if spec < 0:
+            raise _C.InterventionError("call indices are counted from 0 and cannot be negative")
+        return spec
+    if isinstance(spec, slice):
+        if spec.step not in (None, 1):
+            raise _C.InterventionError(".iter[a:b:step] with a step is not supported: list the calls instead")
+        start = spec.start or 0
+        if start < 0 or (spec.stop is not None and spec.stop <= start):
+            raise _C.InterventionError(f".iter[{start}:{spec.stop}] names no call")
+        return (start, spec.stop)
+    if isinstance(spec, (list, tuple)):
+        calls = sorted(set(_calls(int(c)) for c in spec))
+        if not calls:
+            raise _C.InterventionError(".iter[[]] names no call")
+        return calls
+    raise _C.InterventionError(f".iter[...] takes an int, a list of ints or a slice, not {type(spec).__name__}")
+
+
+class _IterIndexer:
+    def __init__(self, envoy):
+        self._envoy = envoy
+
+    def __getitem__(self, spec):
+        return IterationEnvoy(self._envoy, _calls(spec), persist=False)
+
+
+class IterationEnvoy:
+    """An envoy reading given calls of its module (and of those below it).
+
+    As a ``with`` block it sets them for the block; used directly
+    (``envoy.iter[2].output``) it reads them once."""
+
+    def __init__(self, envoy, calls, persist):
+        object.__setattr__(self, "_envoy", envoy)
+        object.__setattr__(self, "_calls", calls)
+        object.__setattr__(self, "_saved", None)
+        if persist:
+            self._apply()
+
+    def _apply(self):
+        tracer = self._envoy._open_tracer("iteration")
+        saved = {e._path: tracer._iterations.get(e._path) for e in self._envoy.modules()}
+        for path in saved:
+            tracer._iterations[path] = self._calls
+        object.__setattr__(self, "_saved", (tracer, saved))
+
+    def __enter__(self):
+        if self._saved is None:
+            self._apply()
+        return self
+
+    def __exit__(self, *exc):
+        tracer, saved = self._saved
+        for path, before in saved.items():
+            if before is None:
+                tracer._iterations.pop(path, None)
+            else:
+                tracer._iterations[path] = before
+        object.__setattr__(self, "_saved", None)
+        return False
+
+    def _site(self, kind, projection):
+        return self._envoy._open_tracer("iteration")._site(self._envoy._path, kind, projection, self._calls)
+
+    @property
+    def output(self):
+        return self._site(OUTPUT, WHOLE)
+
+    @output.setter
+    def output(self, value):
+        self._envoy._open_tracer("output")._swap(self._envoy._path, OUTPUT, WHOLE, value, self._calls)
+
+    @property
+    def inputs(self):
+        return self._site(INPUT, WHOLE)
+
+    @inputs.setter
+    def inputs(self, value):
+        self._envoy._open_tracer("inputs")._swap(self._envoy._path, INPUT, WHOLE, value, self._calls)
+
+    @property
+    def input(self):
+        return self._site(INPUT, FIRST_ARG)
+
+    @input.setter
+    def input(self, value):
+        self._envoy._open_tracer("input")._swap(self._envoy._path, INPUT, FIRST_ARG, value, self._calls)
+
+    def __getattr__(self, name):
+        attr = getattr(self._envoy, name)
+        if isinstance(attr, Envoy):
+            return IterationEnvoy(attr, self._calls, persist=False)
+        return attr
+
+    def __setattr__(self, name, value):
+        if name in ("output", "input", "inputs"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._envoy, name, value)
+
+    def __getitem__(self, index):
+        return IterationEnvoy(self._envoy[index], self._calls, persist=False)

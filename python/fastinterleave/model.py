@@ -52,6 +52,10 @@ class NNsight:
     def _execute(self, *args, **kwargs):
         return self._model(*args, **kwargs)
 
+    def _module_at(self, path):
+        """The module whose hooks serve the envoy at `path` ("" is the root)."""
+        return self._model.get_submodule(path)
+
     # -- the root module ----------------------------------------------------------------
 
     def __getattr__(self, name):

@@ -51,6 +51,7 @@ class Invoker:
         tracer._invoker = self
         tracer._graph.invoker = self.index
         tracer._cache.clear()
+        tracer._iterations.clear()
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -72,6 +73,7 @@ class Tracer:
         self._invokers = []
         self._invoker = None
         self._cache = {}
+        self._iterations = {}  # envoy path -> calls its sites read (.next(), .all(), .iter[...])
         self._frame = None
         self._implicit = None
         self._model_kwargs = {}
@@ -125,17 +127,20 @@ class Tracer:
 
     # -- recording helpers ----------------------------------------------------------------
 
-    def _site(self, path, kind, projection):
-        key = (path, kind, projection, 0)
+    def _site(self, path, kind, projection, calls=None):
+        """The proxy of a module's value at `calls` (default: the envoy's current iteration)."""
+        if calls is None:
+            calls = self._iterations.get(path, 0)
+        key = (path, kind, projection, tuple(calls) if type(calls) is list else calls)
         proxy = self._cache.get(key)
         if proxy is None:
             graph = self._graph
-            proxy = graph.add(SITE, "", (), None, graph.site(path, kind), 0, projection)
+            proxy = graph.add(SITE, "", (), None, graph.site(path, kind), calls, projection)
             self._cache[key] = proxy
         return proxy
 
-    def _swap(self, path, kind, projection, value):
-        target = self._site(path, kind, projection)
+    def _swap(self, path, kind, projection, value, calls=None):
+        target = self._site(path, kind, projection, calls)
         self._graph.add(SWAP, "", (target, value))
         # Later reads of this site see the swapped value: they get a new node.
         for key in [k for k in self._cache if k[0] == path and k[1] == kind]:
@@ -183,7 +188,7 @@ class Tracer:
             handles = []
             try:
                 for i, (path, kind) in enumerate(plan.sites):
-                    module = model._model.get_submodule(path)
+                    module = model._module_at(path)
                     if kind == OUTPUT:
                         handles.append(module.register_forward_hook(run.output_hook(i), prepend=True))
                     else:

@@ -12,9 +12,10 @@ namespace fastinterleave {
 // The requests at one hook site: which nodes bind its value, at which call.
 struct SitePlan {
   SiteKey key;
-  // (call index, node) sorted by call index, then recording order.
+  // Requests for one call: (call index, node), sorted by call, then recording order.
   std::vector<std::pair<int32_t, int32_t>> requests;
-  int32_t last_call = 0;  // the highest call index any request needs
+  // Requests for several calls (.all(), .iter[...]), in recording order.
+  std::vector<int32_t> repeating;
 };
 
 // Everything the scheduler needs, as flat arrays indexed by node.

@@ -52,18 +52,33 @@ struct Arg {
   static Arg make_seq(Kind k, std::vector<Arg> items) { Arg a; a.kind = k; a.items = std::move(items); return a; }
 };
 
+// Node::iter_stop values that are not a bound.
+constexpr int32_t kSingleCall = -2;  // only call `iteration`
+constexpr int32_t kUnbounded = -1;   // every call from `iteration` on (.all())
+
 struct Node {
   Op op = Op::Call;
   std::string name;                                   // Call: ATen op name; GetAttr: attribute
   std::vector<Arg> args;
   std::vector<std::pair<std::string, Arg>> kwargs;
   int32_t site = -1;        // Site: index into Graph::sites
-  int32_t iteration = 0;    // Site: which call of the module (0 = first)
+  int32_t iteration = 0;    // Site: which call of the module (0 = first), or the first of several
+  // Site: the calls it reads: kSingleCall, kUnbounded, or an exclusive stop
+  // (calls [iteration, iter_stop)). A non-empty iter_list names them instead
+  // (sorted). A Site reading several calls binds at each, and the nodes run
+  // after it run again for each.
+  int32_t iter_stop = kSingleCall;
+  std::vector<int32_t> iter_list;
   int32_t invoker = 0;      // which invoke recorded it (Site: whose batch slice it sees)
   Projection projection = Projection::Whole;
   int32_t py_fn = -1;       // Python fallback callable (binding layer's table), -1: none
   int32_t line = -1;        // index into Graph::lines, -1: unknown
   bool saved = false;       // .save(): the value outlives the run
+
+  bool repeats() const { return iter_stop != kSingleCall || !iter_list.empty(); }
+  bool reads_call(int32_t call) const;
+  // The last call it reads, or kUnbounded.
+  int32_t last_call() const;
 };
 
 struct SiteKey {

@@ -10,6 +10,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace fastinterleave {
@@ -64,12 +65,7 @@ class Run {
   bool fire(int32_t site, c10::IValue& value);
   // Whether the site's next call has requests (so the hook must convert and
   // fire); when not, skip_call() just counts the call.
-  bool pending(int32_t site) const {
-    check_site(site);
-    const SitePlan& sp = plan_->sites[static_cast<size_t>(site)];
-    const size_t cur = cursor_[static_cast<size_t>(site)];
-    return cur < sp.requests.size() && sp.requests[cur].first == calls_[static_cast<size_t>(site)];
-  }
+  bool pending(int32_t site) const;
   void skip_call(int32_t site) {
     check_site(site);
     ++calls_[static_cast<size_t>(site)];
@@ -88,7 +84,9 @@ class Run {
   void end_stopped();
   bool stopped() const { return stopped_; }
 
-  bool done(int32_t node) const { return done_[static_cast<size_t>(node)] != 0; }
+  bool done(int32_t node) const {
+    return node >= 0 && static_cast<size_t>(node) < done_.size() && done_[static_cast<size_t>(node)] != 0;
+  }
   bool has_value(int32_t node) const;
   // The node's value (batch-sliced for its invoker). Throws if unset or freed.
   c10::IValue value(int32_t node);
@@ -118,6 +116,7 @@ class Run {
   c10::IValue run_call(int32_t node);
   c10::IValue run_fallback(int32_t node);
   int32_t next_undone(int32_t i);
+  void reset_body(int32_t node);
   c10::IValue apply_swap(const c10::IValue& current, int32_t site_node, const c10::IValue& replacement);
 
   std::shared_ptr<const Plan> plan_;
@@ -133,6 +132,11 @@ class Run {
   std::vector<int32_t> calls_;         // per plan site
   std::vector<size_t> cursor_;         // per plan site: next request to look at
   std::vector<std::pair<int32_t, c10::IValue>> pending_swaps_;
+  // Repeating sites (.all(), .iter[...]): the nodes run after each binding,
+  // reset and run again at the next call they read.
+  std::unordered_map<int32_t, std::vector<int32_t>> bodies_;
+  int32_t recording_body_ = -1;
+  int32_t defer_frees_ = 0;            // > 0: a body will run again, keep what it reads
   int32_t firing_node_ = -1;           // the Site node whose hook is running
   int32_t running_node_ = -1;
   bool stopped_ = false;
