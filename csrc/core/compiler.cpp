@@ -28,6 +28,7 @@ std::shared_ptr<const Plan> compile(std::shared_ptr<const Graph> graph) {
   plan->alias_root.assign(n, -1);
   plan->inplace.assign(n, 0);
   plan->ops.assign(n, nullptr);
+  plan->after_grad.assign(n, 0);
 
   std::vector<int32_t> graph_site_to_plan(graph->sites.size(), -1);
   std::vector<int32_t> refs;
@@ -45,6 +46,8 @@ std::shared_ptr<const Plan> compile(std::shared_ptr<const Graph> graph) {
     for (int32_t r : refs) {
       plan->deps.push_back(r);
       plan->use_count[static_cast<size_t>(r)] += 1;
+      const auto& dep = nodes[static_cast<size_t>(r)];
+      if (dep.op == Op::Grad || plan->after_grad[static_cast<size_t>(r)]) plan->after_grad[i] = 1;
     }
 
     switch (node.op) {

@@ -15,6 +15,7 @@ const char* op_name(Op op) {
     case Op::GetAttr: return "getattr";
     case Op::Stop: return "stop";
     case Op::Identity: return "identity";
+    case Op::Grad: return "grad";
     case Op::kCount: break;
   }
   return "?";
@@ -122,8 +123,9 @@ void Graph::validate() const {
         break;
       case Op::Swap:
         need_args(2);
-        if (n.args[0].kind != Arg::Kind::Ref || nodes[static_cast<size_t>(n.args[0].ref)].op != Op::Site) {
-          bad(i, "a swap must target a site node");
+        if (n.args[0].kind != Arg::Kind::Ref || (nodes[static_cast<size_t>(n.args[0].ref)].op != Op::Site &&
+                                                  nodes[static_cast<size_t>(n.args[0].ref)].op != Op::Grad)) {
+          bad(i, "a swap must target a site or gradient node");
         }
         break;
       case Op::GetItem: need_args(2); break;
@@ -133,6 +135,10 @@ void Graph::validate() const {
         if (n.name.empty()) bad(i, "getattr needs a name");
         break;
       case Op::Identity: need_args(1); break;
+      case Op::Grad:
+        need_args(1);
+        if (n.args[0].kind != Arg::Kind::Ref) bad(i, "grad needs a node");
+        break;
       case Op::Call:
         if (n.name.empty() && n.py_fn < 0) bad(i, "a call needs an op name or a Python function");
         break;

@@ -24,10 +24,13 @@ std::string error_text(const std::exception_ptr& e) {
 }
 
 // Clears `running` on every way out of a node's execution.
+// Sets `running` for one node's execution (nodes nest: a backward pass runs
+// gradient readers inside the node that called backward).
 struct RunningGuard {
   int32_t& running;
-  explicit RunningGuard(int32_t& r, int32_t node) : running(r) { running = node; }
-  ~RunningGuard() { running = -1; }
+  int32_t before;
+  explicit RunningGuard(int32_t& r, int32_t node) : running(r), before(r) { running = node; }
+  ~RunningGuard() { running = before; }
 };
 
 }  // namespace
@@ -45,8 +48,30 @@ Run::Run(std::shared_ptr<const Plan> plan, Options options)
   skip_.resize(n + 1);
   std::iota(skip_.begin(), skip_.end(), 0);
   window_open_.assign(n, 0);
+  armed_.assign(n, 0);
+  in_progress_.assign(n, 0);
   calls_.assign(plan_->sites.size(), 0);
   cursor_.assign(plan_->sites.size(), 0);
+}
+
+Run::~Run() { remove_grad_hooks(); }
+
+void Run::remove_grad_hooks() {
+  for (auto& h : grad_hooks_) {
+    try {
+      h.tensor.remove_hook(h.handle);
+    } catch (...) {  // the tensor's graph may be gone already
+    }
+  }
+  grad_hooks_.clear();
+}
+
+bool Run::deps_done(int32_t node) const {
+  const auto b = plan_->deps_begin[static_cast<size_t>(node)], e = plan_->deps_begin[static_cast<size_t>(node) + 1];
+  for (auto k = b; k < e; ++k) {
+    if (!done_[static_cast<size_t>(plan_->deps[static_cast<size_t>(k)])]) return false;
+  }
+  return true;
 }
 
 int32_t Run::next_undone(int32_t i) {
@@ -77,22 +102,34 @@ void Run::execute_from(int32_t first) {
   const auto n = static_cast<int32_t>(done_.size());
   const auto& nodes = graph_.nodes;
   for (int32_t j = next_undone(first); j < n; j = next_undone(j + 1)) {
-    if (nodes[static_cast<size_t>(j)].op == Op::Site) return;
-    const auto b = plan_->deps_begin[static_cast<size_t>(j)], e = plan_->deps_begin[static_cast<size_t>(j) + 1];
-    for (auto k = b; k < e; ++k) {
-      if (!done_[static_cast<size_t>(plan_->deps[static_cast<size_t>(k)])]) return;
+    const Op op = nodes[static_cast<size_t>(j)].op;
+    if (op == Op::Site) return;
+    // The node that started this walk (backward() running gradient readers)
+    // is not finished: nothing after it runs before it ends.
+    if (in_progress_[static_cast<size_t>(j)]) return;
+    if (op == Op::Grad) {
+      // Reached in order: hook its tensor now, so it reads the next backward pass.
+      if (!armed_[static_cast<size_t>(j)]) {
+        if (!deps_done(j)) return;
+        arm_grad(j);
+      }
+      continue;
     }
+    // Gradient readers wait for the backward pass; they do not block the walk.
+    if (plan_->after_grad[static_cast<size_t>(j)] && grad_depth_ == 0) continue;
+    if (!deps_done(j)) return;
     execute(j);
   }
 }
 
 IValue Run::materialize(Slot& slot) {
-  if (slot.size < 0) return slot.value;
+  if (!slot.lazy()) return slot.value;
   const int64_t start = slot.start, size = slot.size, full = batch_size_;
+  slot.base = slot.value;
+  slot.narrowed = true;
   slot.value = map_tensors(slot.value, [&](const at::Tensor& t) {
     return t.dim() > 0 && t.size(0) == full ? IValue(t.narrow(0, start, size)) : IValue(t);
   });
-  slot.size = -1;
   return slot.value;
 }
 
@@ -183,6 +220,12 @@ void Run::execute(int32_t node) {
   out.set = true;
   {
     RunningGuard guard(running_node_, node);
+    struct InProgress {
+      std::vector<uint8_t>& flags;
+      size_t i;
+      ~InProgress() { flags[i] = 0; }
+    } in_progress{in_progress_, i};
+    in_progress_[i] = 1;
     try {
       check_window(node);
       switch (nd.op) {
@@ -194,7 +237,7 @@ void Run::execute(int32_t node) {
           const Arg& index = nd.args[1];
           if (target.kind == Arg::Kind::Ref) {
             Slot& src = slots_[static_cast<size_t>(target.ref)];
-            const bool lazy_container = src.size >= 0 && (src.value.isTuple() || src.value.isList() ||
+            const bool lazy_container = src.lazy() && (src.value.isTuple() || src.value.isList() ||
                                                           src.value.isGenericDict() || as_record(src.value));
             if (lazy_container && index.kind == Arg::Kind::Const &&
                 (index.value.isInt() || index.value.isString())) {
@@ -240,8 +283,9 @@ void Run::execute(int32_t node) {
           stopped_ = true;
           throw EarlyStop();
         case Op::Site:
+        case Op::Grad:
         case Op::kCount:
-          TORCH_INTERNAL_ASSERT(false, "fastinterleave: site nodes are bound, not executed");
+          TORCH_INTERNAL_ASSERT(false, "fastinterleave: site and gradient nodes are bound, not executed");
       }
     } catch (const EarlyStop&) {
       throw;
@@ -313,6 +357,10 @@ IValue write_slice(const IValue& full, const IValue& repl, int64_t start, int64_
 
 }  // namespace
 
+static at::Tensor write_slice_tensor(const at::Tensor& full, const IValue& repl, int64_t start, int64_t size) {
+  return write_slice(IValue(full), repl, start, size, full.size(0)).toTensor();
+}
+
 IValue Run::apply_swap(const IValue& current, int32_t site_node, const IValue& replacement) {
   const Node& nd = graph_.nodes[static_cast<size_t>(site_node)];
   const InvokerSlice* inv = sliced_ ? &graph_.invokers[static_cast<size_t>(nd.invoker)] : nullptr;
@@ -326,6 +374,81 @@ IValue Run::apply_swap(const IValue& current, int32_t site_node, const IValue& r
     return IValue(c10::ivalue::Tuple::create({IValue(c10::ivalue::Tuple::create(std::move(args))), pair[1]}));
   }
   return put(current);
+}
+
+void Run::arm_grad(int32_t node) {
+  const Node& nd = graph_.nodes[static_cast<size_t>(node)];
+  Slot& src = slots_[static_cast<size_t>(nd.args[0].ref)];
+  TORCH_INTERNAL_ASSERT(src.set, "fastinterleave: gradient target freed");
+  // An invoker's rows are a view; a hook on a view never fires. Hook the full
+  // tensor and narrow the gradient.
+  at::Tensor full;
+  int64_t start = 0, size = -1;
+  if (src.size >= 0 && (src.narrowed ? src.base : src.value).isTensor()) {
+    full = (src.narrowed ? src.base : src.value).toTensor();
+    if (full.dim() > 0 && full.size(0) == batch_size_) {
+      start = src.start;
+      size = src.size;
+    }
+  } else {
+    IValue v = materialize(src);
+    if (!v.isTensor()) {
+      throw NodeError(NodeError::Kind::Unsupported, node, -1, "only a tensor has a gradient: " + graph_.describe(node));
+    }
+    full = v.toTensor();
+  }
+  if (!full.requires_grad()) {
+    throw NodeError(NodeError::Kind::Unsupported, node, -1,
+                    "this value does not require grad, so no gradient reaches it: " + graph_.describe(node));
+  }
+  unsigned handle = full.register_hook([this, node, start, size](at::Tensor grad) -> at::Tensor {
+    return on_grad(node, grad, start, size);
+  });
+  grad_hooks_.push_back(GradHook{full, handle});
+  armed_[static_cast<size_t>(node)] = 1;
+}
+
+at::Tensor Run::on_grad(int32_t node, const at::Tensor& grad, int64_t start, int64_t size) {
+  const size_t i = static_cast<size_t>(node);
+  if (finished_ || done_[i]) return at::Tensor();  // each gradient node reads one backward pass
+  Slot s;
+  s.set = true;
+  s.value = IValue(size >= 0 ? grad.narrow(0, start, size) : grad);
+  done_[i] = 1;
+  skip_[i] = node + 1;
+  if (plan_->use_count[i] > 0 || plan_->keep[i]) slots_[i] = std::move(s);
+  const int32_t outer_firing = firing_node_;
+  window_open_[i] = 1;
+  firing_node_ = node;
+  ++grad_depth_;
+  struct Restore {
+    Run& run;
+    size_t i;
+    int32_t outer;
+    ~Restore() {
+      --run.grad_depth_;
+      run.window_open_[i] = 0;
+      run.firing_node_ = outer;
+    }
+  } restore{*this, i, outer_firing};
+  execute_from(node + 1);
+  // Swaps of this gradient (`proxy.grad = g`) replace what flows on.
+  at::Tensor result;
+  for (auto it = pending_swaps_.begin(); it != pending_swaps_.end();) {
+    if (it->first != node) {
+      ++it;
+      continue;
+    }
+    IValue repl = it->second;
+    if (size >= 0) {
+      result = write_slice_tensor(result.defined() ? result : grad, repl, start, size);
+    } else {
+      TORCH_CHECK(repl.isTensor(), "a gradient can only be swapped for a tensor");
+      result = repl.toTensor();
+    }
+    it = pending_swaps_.erase(it);
+  }
+  return result;
 }
 
 bool Run::pending(int32_t site) const {
@@ -465,6 +588,7 @@ IValue Run::value(int32_t node) {
 }
 
 void Run::release() {
+  remove_grad_hooks();
   slots_.assign(slots_.size(), Slot{});
   pending_swaps_.clear();
   finished_ = true;

@@ -94,6 +94,9 @@ class PyRun {
 
  private:
   c10::IValue fallback(const Node& n, const ResolvedArgs& args, const ResolvedKwargs& kwargs) {
+    // Backward hooks run while backward() has released the GIL (and, on CUDA,
+    // on autograd's own threads).
+    py::gil_scoped_acquire gil;
     switch (n.op) {
       case Op::GetItem:
         return result_to_ivalue(arg_to_python(args[0])[arg_to_python(args[1])]);
@@ -121,6 +124,13 @@ class PyRun {
   Run run_;
 };
 
+// The engine runs without the GIL (a backward pass it starts must not hold it);
+// the fallback takes it back for Python code.
+bool fire_without_gil(Run& r, int32_t site, c10::IValue& v) {
+  py::gil_scoped_release nogil;
+  return r.fire(site, v);
+}
+
 // A forward hook: returns None (keep the output) unless a swap replaced it.
 struct OutputHook {
   std::shared_ptr<PyRun> run;
@@ -133,7 +143,7 @@ struct OutputHook {
       return py::none();
     }
     c10::IValue v = to_ivalue(output);
-    if (!r.fire(site, v)) return py::none();
+    if (!fire_without_gil(r, site, v)) return py::none();
     return to_python(v, output);
   }
 };
@@ -151,7 +161,7 @@ struct InputHook {
     }
     py::tuple pair = py::make_tuple(args, kwargs);
     c10::IValue v = to_ivalue(pair);
-    if (!r.fire(site, v)) return py::none();
+    if (!fire_without_gil(r, site, v)) return py::none();
     return to_python(v, pair);
   }
 };
@@ -276,8 +286,8 @@ void register_engine(py::module_& m) {
 
   py::class_<PyRun, std::shared_ptr<PyRun>>(m, "Run")
       .def(py::init<const PyPlan&, py::list, bool>(), py::arg("plan"), py::arg("fns"), py::arg("allow_fallback") = true)
-      .def("begin", [](PyRun& r) { r.run().begin(); })
-      .def("end", [](PyRun& r) { r.run().end(); })
+      .def("begin", [](PyRun& r) { r.run().begin(); }, py::call_guard<py::gil_scoped_release>())
+      .def("end", [](PyRun& r) { r.run().end(); }, py::call_guard<py::gil_scoped_release>())
       .def("end_stopped", [](PyRun& r) { r.run().end_stopped(); })
       .def("release", [](PyRun& r) { r.run().release(); })
       .def("has_value", [](PyRun& r, int32_t node) { return r.run().has_value(node); })

@@ -13,7 +13,7 @@ import torch
 from . import _C
 
 # Op codes (csrc/include/fastinterleave/graph.h: enum class Op).
-SITE, SWAP, CALL, GETITEM, SETITEM, GETATTR, STOP, IDENTITY = range(8)
+SITE, SWAP, CALL, GETITEM, SETITEM, GETATTR, STOP, IDENTITY, GRAD = range(9)
 # Hook kinds and projections.
 OUTPUT, INPUT = 0, 1
 WHOLE, FIRST_ARG = 0, 1
@@ -126,6 +126,8 @@ class Graph:
             return None
         if op == GETATTR:
             return getattr(args[0], name)
+        if op == GRAD:
+            return args[0].grad
         if op == CALL and fn is not None:
             return fn(*args, **kwargs)
         raise _C.InterventionError("this trace has already run: module inputs and outputs can only be read or set inside it")

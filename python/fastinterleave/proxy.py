@@ -3,7 +3,7 @@
 import operator
 
 from . import _C
-from .graph import CALL, DONE, GETATTR, GETITEM, RECORDING, SETITEM, STOP
+from .graph import CALL, DONE, GETATTR, GETITEM, GRAD, RECORDING, SETITEM, STOP, SWAP
 
 # Python operator -> ATen op name (the engine runs these natively).
 _DUNDER_ATEN = {
@@ -101,6 +101,16 @@ class Proxy:
     def stop(self):
         """Ends the forward pass once this value is computed."""
         self._graph.add(STOP, "", (self,))
+
+    @property
+    def grad(self):
+        """The gradient reaching this value in the next backward pass recorded after
+        this line (``loss.backward()`` in the same trace). Edit it in place or assign."""
+        return self._graph.add(GRAD, "", (self,))
+
+    @grad.setter
+    def grad(self, value):
+        self._graph.add(SWAP, "", (self._graph.add(GRAD, "", (self,)), value))
 
     # -- recording ---------------------------------------------------------------
 

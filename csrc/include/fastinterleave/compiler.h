@@ -32,6 +32,7 @@ struct Plan {
   std::vector<uint8_t> inplace;         // writes into its first argument (or, for Swap, its site)
   std::vector<const OpCandidates*> ops; // Call nodes: resolved ATen overloads, or nullptr
   std::vector<int32_t> stops;           // Stop nodes
+  std::vector<uint8_t> after_grad;      // reads a gradient: waits for a backward pass
 
   size_t size() const { return use_count.size(); }
 };

@@ -14,14 +14,15 @@ namespace fastinterleave {
 // What a node does. Values are stable: they are written to graph files.
 enum class Op : uint8_t {
   Site = 0,     // read a module's input/output at one call, for one invoker
-  Swap = 1,     // args[0] = Ref(Site node), args[1] = new value: replace that site's value
+  Swap = 1,     // args[0] = Ref(Site or Grad node), args[1] = new value: replace that value
   Call = 2,     // ATen op `name` (with an optional Python fallback `py_fn`), or py_fn alone
   GetItem = 3,  // args[0][args[1]]
   SetItem = 4,  // args[0][args[1]] = args[2], in place
   GetAttr = 5,  // getattr(args[0], name)
   Stop = 6,     // end the forward pass early (tracer.stop())
   Identity = 7, // args[0] itself (a value made from constants, e.g. nnsight.list())
-  kCount = 8,
+  Grad = 8,     // the gradient reaching args[0] in the next backward pass (set when it runs)
+  kCount = 9,
 };
 
 // Which hook of a module a site belongs to.

@@ -53,6 +53,9 @@ class Run {
     bool allow_fallback = true; // false: nodes needing the fallback raise
   };
   Run(std::shared_ptr<const Plan> plan, Options options);
+  ~Run();
+  Run(const Run&) = delete;
+  Run& operator=(const Run&) = delete;
 
   const Plan& plan() const { return *plan_; }
 
@@ -104,6 +107,13 @@ class Run {
     c10::IValue value;
     int64_t start = 0, size = -1;  // size >= 0: narrow batch-sized leaves to [start, start + size) on use
     bool set = false;
+    bool narrowed = false;         // `value` is narrowed already; `base` is the full value
+    c10::IValue base;
+    bool lazy() const { return size >= 0 && !narrowed; }
+  };
+  struct GradHook {
+    at::Tensor tensor;
+    unsigned handle;
   };
 
   void execute_from(int32_t first);
@@ -117,6 +127,10 @@ class Run {
   c10::IValue run_fallback(int32_t node);
   int32_t next_undone(int32_t i);
   void reset_body(int32_t node);
+  bool deps_done(int32_t node) const;
+  void arm_grad(int32_t node);
+  at::Tensor on_grad(int32_t node, const at::Tensor& grad, int64_t start, int64_t size);
+  void remove_grad_hooks();
   c10::IValue apply_swap(const c10::IValue& current, int32_t site_node, const c10::IValue& replacement);
 
   std::shared_ptr<const Plan> plan_;
@@ -137,6 +151,10 @@ class Run {
   std::unordered_map<int32_t, std::vector<int32_t>> bodies_;
   int32_t recording_body_ = -1;
   int32_t defer_frees_ = 0;            // > 0: a body will run again, keep what it reads
+  std::vector<uint8_t> armed_;         // Grad nodes: hook registered
+  std::vector<uint8_t> in_progress_;   // nodes executing now (nested by backward hooks)
+  std::vector<GradHook> grad_hooks_;
+  int32_t grad_depth_ = 0;             // > 0: inside a backward hook, gradient readers may run
   int32_t firing_node_ = -1;           // the Site node whose hook is running
   int32_t running_node_ = -1;
   bool stopped_ = false;
