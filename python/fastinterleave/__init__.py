@@ -30,6 +30,7 @@ from .helpers import (  # noqa: E402
     str,
     tuple,
 )
+from .language import LanguageModel  # noqa: E402
 from .model import NNsight  # noqa: E402
 from .proxy import Proxy  # noqa: E402
 from .tracer import Invoker, Tracer  # noqa: E402
@@ -41,6 +42,7 @@ __all__ = [
     "Envoy",
     "InterventionError",
     "Invoker",
+    "LanguageModel",
     "NNsight",
     "Proxy",
     "Tracer",
