@@ -29,6 +29,8 @@ std::shared_ptr<const Plan> compile(std::shared_ptr<const Graph> graph) {
   plan->inplace.assign(n, 0);
   plan->ops.assign(n, nullptr);
   plan->after_grad.assign(n, 0);
+  plan->branch_end.assign(n, -1);
+  std::vector<int32_t> open_conds;
 
   std::vector<int32_t> graph_site_to_plan(graph->sites.size(), -1);
   std::vector<int32_t> refs;
@@ -69,6 +71,13 @@ std::shared_ptr<const Plan> compile(std::shared_ptr<const Graph> graph) {
         break;
       case Op::Stop:
         plan->stops.push_back(static_cast<int32_t>(i));
+        break;
+      case Op::Cond:
+        open_conds.push_back(static_cast<int32_t>(i));
+        break;
+      case Op::EndCond:
+        plan->branch_end[static_cast<size_t>(open_conds.back())] = static_cast<int32_t>(i);
+        open_conds.pop_back();
         break;
       default:
         break;

@@ -16,6 +16,8 @@ const char* op_name(Op op) {
     case Op::Stop: return "stop";
     case Op::Identity: return "identity";
     case Op::Grad: return "grad";
+    case Op::Cond: return "cond";
+    case Op::EndCond: return "endcond";
     case Op::kCount: break;
   }
   return "?";
@@ -93,11 +95,12 @@ void Graph::validate() const {
       throw std::invalid_argument("malformed graph: an invoker's rows lie outside the batch");
     }
   }
+  size_t open_conds = 0;
   for (size_t i = 0; i < nodes.size(); ++i) {
     const Node& n = nodes[i];
     if (static_cast<uint8_t>(n.op) >= static_cast<uint8_t>(Op::kCount)) bad(i, "unknown op");
     if (n.line < -1 || (n.line >= 0 && static_cast<size_t>(n.line) >= lines.size())) bad(i, "bad line index");
-    if (n.invoker < 0 || (!invokers.empty() && static_cast<size_t>(n.invoker) >= invokers.size())) {
+    if (n.invoker < -1 || (!invokers.empty() && n.invoker >= 0 && static_cast<size_t>(n.invoker) >= invokers.size())) {
       bad(i, "bad invoker index");
     }
     for (const auto& a : n.args) validate_arg(a, i, 0);
@@ -139,6 +142,21 @@ void Graph::validate() const {
         need_args(1);
         if (n.args[0].kind != Arg::Kind::Ref) bad(i, "grad needs a node");
         break;
+      case Op::Cond:
+        if (n.name == "else") {
+          need_args(2);
+          if (n.args[0].kind != Arg::Kind::Ref || nodes[static_cast<size_t>(n.args[0].ref)].op != Op::Cond) {
+            bad(i, "an else branch must follow a cond");
+          }
+        } else {
+          need_args(1);
+        }
+        ++open_conds;
+        break;
+      case Op::EndCond:
+        need_args(0);
+        if (open_conds-- == 0) bad(i, "endcond without a cond");
+        break;
       case Op::Call:
         if (n.name.empty() && n.py_fn < 0) bad(i, "a call needs an op name or a Python function");
         break;
@@ -147,6 +165,7 @@ void Graph::validate() const {
         break;
     }
   }
+  if (open_conds != 0) throw std::invalid_argument("malformed graph: a cond is never closed");
 }
 
 }  // namespace fastinterleave

@@ -50,6 +50,7 @@ Run::Run(std::shared_ptr<const Plan> plan, Options options)
   window_open_.assign(n, 0);
   armed_.assign(n, 0);
   in_progress_.assign(n, 0);
+  skipped_.assign(n, 0);
   calls_.assign(plan_->sites.size(), 0);
   cursor_.assign(plan_->sites.size(), 0);
 }
@@ -72,6 +73,63 @@ bool Run::deps_done(int32_t node) const {
     if (!done_[static_cast<size_t>(plan_->deps[static_cast<size_t>(k)])]) return false;
   }
   return true;
+}
+
+bool Run::reads_skipped(int32_t node) const {
+  const auto b = plan_->deps_begin[static_cast<size_t>(node)], e = plan_->deps_begin[static_cast<size_t>(node) + 1];
+  for (auto k = b; k < e; ++k) {
+    if (skipped_[static_cast<size_t>(plan_->deps[static_cast<size_t>(k)])]) return true;
+  }
+  return false;
+}
+
+// Marks a node done without running it: its value stays unset.
+void Run::skip(int32_t node) {
+  const auto i = static_cast<size_t>(node);
+  done_[i] = 1;
+  skipped_[i] = 1;
+  skip_[i] = node + 1;
+  slots_[i] = Slot{};
+  if (recording_body_ >= 0) bodies_[recording_body_].push_back(node);
+}
+
+namespace {
+bool truthy(const IValue& v, const std::string& where) {
+  if (v.isBool()) return v.toBool();
+  if (v.isInt()) return v.toInt() != 0;
+  if (v.isDouble()) return v.toDouble() != 0.0;
+  if (v.isNone()) return false;
+  if (v.isTensor()) {
+    const at::Tensor& t = v.toTensor();
+    TORCH_CHECK(t.numel() == 1, "the condition of a branch must be one value, not a tensor of ", t.numel(),
+                " elements (use .any() or .all()): ", where);
+    return t.item<bool>();
+  }
+  TORCH_CHECK(false, "the condition of a branch must be a bool, a number or a one-element tensor: ", where);
+}
+}  // namespace
+
+// Whether a Cond node's branch runs; its value records whether any branch of
+// its chain (if / elif / else) has run so far.
+bool Run::branch_taken(int32_t node) {
+  const Node& nd = graph_.nodes[static_cast<size_t>(node)];
+  bool runs;
+  bool chain_taken;
+  if (nd.name == "else") {
+    const int32_t prev = nd.args[0].ref;
+    const bool before = !skipped_[static_cast<size_t>(prev)] && slots_[static_cast<size_t>(prev)].value.toBool();
+    const Arg cond = resolve(nd.args[1]);
+    runs = !before && (cond.value.isNone() || truthy(cond.value, graph_.describe(node)));
+    chain_taken = before || runs;
+  } else {
+    runs = truthy(resolve(nd.args[0]).value, graph_.describe(node));
+    chain_taken = runs;
+  }
+  Slot s;
+  s.set = true;
+  s.value = IValue(chain_taken);
+  slots_[static_cast<size_t>(node)] = std::move(s);
+  return runs;
 }
 
 int32_t Run::next_undone(int32_t i) {
@@ -118,6 +176,35 @@ void Run::execute_from(int32_t first) {
     // Gradient readers wait for the backward pass; they do not block the walk.
     if (plan_->after_grad[static_cast<size_t>(j)] && grad_depth_ == 0) continue;
     if (!deps_done(j)) return;
+    // What reads a value of a branch not taken is not taken either.
+    if (reads_skipped(j)) {
+      skip(j);
+      continue;
+    }
+    if (op == Op::Cond) {
+      const bool runs = [&] {
+        RunningGuard guard(running_node_, j);
+        try {
+          return branch_taken(j);
+        } catch (const NodeError&) {
+          throw;
+        } catch (...) {
+          auto cause = std::current_exception();
+          throw NodeError(NodeError::Kind::Failed, j, -1, error_text(cause) + "\n  in: " + graph_.describe(j), cause);
+        }
+      }();
+      done_[static_cast<size_t>(j)] = 1;
+      skip_[static_cast<size_t>(j)] = j + 1;
+      if (recording_body_ >= 0) bodies_[recording_body_].push_back(j);
+      consume(j);
+      if (!runs) {
+        const int32_t end = plan_->branch_end[static_cast<size_t>(j)];
+        for (int32_t k = j + 1; k <= end; ++k) {
+          if (!done_[static_cast<size_t>(k)]) skip(k);
+        }
+      }
+      continue;
+    }
     execute(j);
   }
 }
@@ -282,8 +369,11 @@ void Run::execute(int32_t node) {
         case Op::Stop:
           stopped_ = true;
           throw EarlyStop();
+        case Op::EndCond:
+          break;
         case Op::Site:
         case Op::Grad:
+        case Op::Cond:
         case Op::kCount:
           TORCH_INTERNAL_ASSERT(false, "fastinterleave: site and gradient nodes are bound, not executed");
       }
@@ -363,7 +453,7 @@ static at::Tensor write_slice_tensor(const at::Tensor& full, const IValue& repl,
 
 IValue Run::apply_swap(const IValue& current, int32_t site_node, const IValue& replacement) {
   const Node& nd = graph_.nodes[static_cast<size_t>(site_node)];
-  const InvokerSlice* inv = sliced_ ? &graph_.invokers[static_cast<size_t>(nd.invoker)] : nullptr;
+  const InvokerSlice* inv = sliced_ && nd.invoker >= 0 ? &graph_.invokers[static_cast<size_t>(nd.invoker)] : nullptr;
   auto put = [&](const IValue& full) {
     return inv ? write_slice(full, replacement, inv->start, inv->size, batch_size_) : replacement;
   };
@@ -467,6 +557,7 @@ void Run::reset_body(int32_t node) {
   for (int32_t j : bodies_[node]) {
     const auto i = static_cast<size_t>(j);
     done_[i] = 0;
+    skipped_[i] = 0;
     slots_[i] = Slot{};
     remaining_uses_[i] = plan_->use_count[i];
     for (auto k = plan_->deps_begin[i]; k < plan_->deps_begin[i + 1]; ++k) {
@@ -515,6 +606,7 @@ bool Run::fire(int32_t site, IValue& value) {
     const size_t i = static_cast<size_t>(node);
     const Node& nd = graph_.nodes[i];
     const bool repeats = nd.repeats();
+    if (skipped_[i]) continue;  // in a branch not taken
     if (repeats && done_[i]) reset_body(node);
     Slot s;
     s.set = true;
@@ -528,7 +620,7 @@ bool Run::fire(int32_t site, IValue& value) {
     } else {
       s.value = current;
     }
-    if (sliced_) {
+    if (sliced_ && nd.invoker >= 0) {
       s.start = graph_.invokers[static_cast<size_t>(nd.invoker)].start;
       s.size = graph_.invokers[static_cast<size_t>(nd.invoker)].size;
     }
@@ -558,7 +650,7 @@ void Run::end() {
   const auto n = static_cast<int32_t>(done_.size());
   for (int32_t j = 0; j < n; ++j) {
     const Node& nd = graph_.nodes[static_cast<size_t>(j)];
-    if (nd.op != Op::Site) continue;
+    if (nd.op != Op::Site || skipped_[static_cast<size_t>(j)]) continue;
     const int32_t ps = plan_->site_of_node[static_cast<size_t>(j)];
     const int32_t c = calls_[static_cast<size_t>(ps)];
     const int32_t last = nd.last_call();

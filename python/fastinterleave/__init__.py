@@ -20,6 +20,7 @@ from .errors import InterventionError  # noqa: E402
 from .helpers import (  # noqa: E402
     apply,
     bool,
+    cond,
     dict,
     float,
     int,
@@ -48,6 +49,7 @@ __all__ = [
     "Tracer",
     "apply",
     "bool",
+    "cond",
     "dict",
     "float",
     "int",

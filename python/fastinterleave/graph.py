@@ -13,7 +13,7 @@ import torch
 from . import _C
 
 # Op codes (csrc/include/fastinterleave/graph.h: enum class Op).
-SITE, SWAP, CALL, GETITEM, SETITEM, GETATTR, STOP, IDENTITY, GRAD = range(9)
+SITE, SWAP, CALL, GETITEM, SETITEM, GETATTR, STOP, IDENTITY, GRAD, COND, ENDCOND = range(11)
 # Hook kinds and projections.
 OUTPUT, INPUT = 0, 1
 WHOLE, FIRST_ARG = 0, 1

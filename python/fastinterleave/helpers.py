@@ -24,6 +24,11 @@ def log(*args):
     _tracer().log(*args)
 
 
+def cond(condition):
+    """``with nnsight.cond(x > 0):`` — a branch of the open trace (see Tracer.cond)."""
+    return _tracer().cond(condition)
+
+
 def stop():
     """Ends the forward pass of the open trace here."""
     _tracer().stop()

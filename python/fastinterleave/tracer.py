@@ -6,7 +6,7 @@ import sys
 from . import _C
 from .config import CONFIG
 from .errors import annotate
-from .graph import CALL, OUTPUT, RUNNING, SITE, STOP, SWAP, Graph
+from .graph import CALL, COND, ENDCOND, OUTPUT, RUNNING, SITE, STOP, SWAP, Graph
 from .proxy import Proxy
 
 _CO_OPTIMIZED = 0x0001
@@ -146,6 +146,11 @@ class Tracer:
         for key in [k for k in self._cache if k[0] == path and k[1] == kind]:
             del self._cache[key]
 
+    def cond(self, condition):
+        """``with tracer.cond(x > 0):`` — the block's interventions run only if the
+        condition (computed when the model runs) is true. ``.else_()`` chains."""
+        return Condition(self, condition)
+
     def stop(self):
         """Ends the forward pass here; values saved before it are kept."""
         self._graph.add(STOP)
@@ -213,6 +218,38 @@ class Tracer:
             graph.finish(values)
             raise annotate(e, graph)
         graph.finish(values)
+
+
+class Condition:
+    """A branch of a trace: ``with tracer.cond(c) as branch: ...`` then
+    ``with branch.else_(): ...`` (or ``.else_(c2)`` for an elif)."""
+
+    def __init__(self, tracer, condition, previous=None):
+        self._tracer = tracer
+        self._condition = condition
+        self._previous = previous
+        self._node = None
+
+    def __enter__(self):
+        graph = self._tracer._graph
+        if self._previous is None:
+            proxy = graph.add(COND, "", (self._condition,))
+        else:
+            if self._previous._node is None:
+                raise _C.InterventionError("else_() must follow a finished `with tracer.cond(...)` block")
+            proxy = graph.add(COND, "else", (self._previous._node, self._condition))
+        self._node = proxy
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self._tracer._graph.add(ENDCOND)
+        return False
+
+    def else_(self, condition=None):
+        """The branch taken when no earlier branch of the chain was (with a
+        condition: an elif)."""
+        return Condition(self._tracer, condition, previous=self)
 
 
 def _inject(frame, graph):

@@ -33,6 +33,7 @@ struct Plan {
   std::vector<const OpCandidates*> ops; // Call nodes: resolved ATen overloads, or nullptr
   std::vector<int32_t> stops;           // Stop nodes
   std::vector<uint8_t> after_grad;      // reads a gradient: waits for a backward pass
+  std::vector<int32_t> branch_end;      // Cond nodes: index of their EndCond
 
   size_t size() const { return use_count.size(); }
 };

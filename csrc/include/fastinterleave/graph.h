@@ -22,7 +22,10 @@ enum class Op : uint8_t {
   Stop = 6,     // end the forward pass early (tracer.stop())
   Identity = 7, // args[0] itself (a value made from constants, e.g. nnsight.list())
   Grad = 8,     // the gradient reaching args[0] in the next backward pass (set when it runs)
-  kCount = 9,
+  Cond = 9,     // opens a branch: runs the nodes up to its EndCond if args[0] is true;
+                // name "else": args[0] = Ref(previous Cond of the chain), args[1] = condition or None
+  EndCond = 10, // closes the innermost open Cond
+  kCount = 11,
 };
 
 // Which hook of a module a site belongs to.
@@ -70,7 +73,7 @@ struct Node {
   // after it run again for each.
   int32_t iter_stop = kSingleCall;
   std::vector<int32_t> iter_list;
-  int32_t invoker = 0;      // which invoke recorded it (Site: whose batch slice it sees)
+  int32_t invoker = 0;      // which invoke recorded it (Site: whose batch slice it sees; -1: the whole batch)
   Projection projection = Projection::Whole;
   int32_t py_fn = -1;       // Python fallback callable (binding layer's table), -1: none
   int32_t line = -1;        // index into Graph::lines, -1: unknown
