@@ -160,7 +160,7 @@ Arg to_arg(py::handle obj, py::handle graph) {
   PyObject* p = obj.ptr();
   if (g_proxy_type && PyObject_TypeCheck(p, reinterpret_cast<PyTypeObject*>(g_proxy_type))) {
     if (obj.attr("_graph").ptr() == graph.ptr()) return Arg::make_ref(obj.attr("_node").cast<int32_t>());
-    return Arg::make_const(to_ivalue(obj.attr("value")));
+    return Arg::make_const(result_to_ivalue(obj.attr("value")));  // the same object: appends land
   }
   if (PySlice_Check(p)) {
     auto* s = reinterpret_cast<PySliceObject*>(p);

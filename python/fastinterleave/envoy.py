@@ -17,6 +17,7 @@ class Envoy:
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_root", root if root is not None else self)
         object.__setattr__(self, "_tracer", None)  # the open tracer (root envoy only)
+        object.__setattr__(self, "_session", None)  # the open session (root envoy only)
         object.__setattr__(self, "_rename", dict(rename or {}))
         children = {}
         for name, child in module.named_children():
@@ -84,7 +85,7 @@ class Envoy:
     def __iter__(self):
         return iter(self._children.values())
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args, hook=False, **kwargs):
         """Applies the module to proxies inside a trace (without firing hooks), or runs it."""
         tracer = self._root._tracer
         if tracer is None:

@@ -22,13 +22,17 @@ _SKIP_DIRS = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.pat
 
 RECORDING, DONE, RUNNING = 0, 1, 2
 
+# Traces and sessions being recorded, innermost last. An operation on a proxy
+# of another recording graph (a session's earlier trace) records here.
+OPEN = []
+
 
 class Graph:
     """Nodes, the sites they read, saved node ids, source lines, Python callables."""
 
     __slots__ = (
         "nodes", "sites", "_site_index", "saved", "lines", "_line_index", "fns", "_fn_index",
-        "invoker", "values", "state", "node_lines", "__weakref__",
+        "invoker", "values", "state", "node_lines", "shared", "__weakref__",
     )
 
     def __init__(self):
@@ -44,6 +48,7 @@ class Graph:
         self.values = None
         self.state = RECORDING
         self.node_lines = None
+        self.shared = False  # in a session: proxies of other graphs read here are kept for it
 
     # -- recording -------------------------------------------------------------
 
@@ -51,7 +56,13 @@ class Graph:
         """Records a node and returns its proxy (or, after the trace, the value)."""
         if self.state != RECORDING:
             return self._eager(op, name, args, kwargs, fn)
+        if OPEN and OPEN[-1]._graph is not self:
+            return OPEN[-1]._graph.add(op, name, args, kwargs, site, iteration, projection, fn)
         py_fn = self.fn_id(fn) if fn is not None else -1
+        if self.shared:
+            _keep_foreign(self, args)
+            if kwargs:
+                _keep_foreign(self, kwargs)
         index = len(self.nodes)
         self.nodes.append((op, name, args, kwargs, site, iteration, self.invoker, projection, py_fn, self._line()))
         return Proxy(self, index)
@@ -95,14 +106,47 @@ class Graph:
             return source_line(self.lines[lines[node]])
         return f"node {node}"
 
-    def finish(self, values):
-        """Keeps the saved values and drops the recording (constants included)."""
+    def finish(self, values, keep_nodes=False):
+        """Keeps the saved values and drops the recording (constants included),
+        unless it may run again (`keep_nodes`: a trace in a session loop)."""
         self.values = values
         self.node_lines = [n[9] for n in self.nodes]
-        self.nodes = []
-        self.fns = []
-        self._fn_index = {}
+        if not keep_nodes:
+            self.nodes = []
+            self.fns = []
+            self._fn_index = {}
         self.state = DONE
+
+    def extend(self, other):
+        """Appends another graph's nodes (an edit), re-pointed at this graph; they
+        see the whole batch."""
+        offset = len(self.nodes)
+        sites = [self.site(*key) for key in other.sites]
+        fns = [self.fn_id(fn) for fn in other.fns]
+        lines = []
+        for line in other.lines:
+            lines.append(len(self.lines))
+            self.lines.append(line)
+
+        def rebind(obj):
+            if isinstance(obj, Proxy):
+                return Proxy(self, obj._node + offset) if obj._graph is other else obj
+            if type(obj) is tuple:
+                return tuple(rebind(x) for x in obj)
+            if type(obj) is list:
+                return [rebind(x) for x in obj]
+            if type(obj) is dict:
+                return {k: rebind(v) for k, v in obj.items()}
+            if type(obj) is slice:
+                return slice(rebind(obj.start), rebind(obj.stop), rebind(obj.step))
+            return obj
+
+        for op, name, args, kwargs, site, calls, _, projection, py_fn, line in other.nodes:
+            self.nodes.append((
+                op, name, rebind(args), rebind(kwargs) if kwargs else kwargs,
+                sites[site] if site >= 0 else -1, calls, -1, projection,
+                fns[py_fn] if py_fn >= 0 else -1, lines[line] if line >= 0 else -1,
+            ))
 
     def why_unset(self, node):
         where = self.describe(node)
@@ -131,6 +175,23 @@ class Graph:
         if op == CALL and fn is not None:
             return fn(*args, **kwargs)
         raise _C.InterventionError("this trace has already run: module inputs and outputs can only be read or set inside it")
+
+
+def _keep_foreign(graph, obj):
+    """Marks proxies of other (still recording) graphs as saved: in a session a
+    later trace reads them without .save()."""
+    if isinstance(obj, Proxy):
+        other = obj._graph
+        if other is not graph and other.state == RECORDING:
+            other.saved.append(obj._node)
+    elif type(obj) in (tuple, list):
+        for x in obj:
+            _keep_foreign(graph, x)
+    elif type(obj) is dict:
+        for x in obj.values():
+            _keep_foreign(graph, x)
+    elif type(obj) is slice:
+        _keep_foreign(graph, (obj.start, obj.stop, obj.step))
 
 
 def resolve(obj):

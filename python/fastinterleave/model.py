@@ -16,6 +16,7 @@ class NNsight:
     def __init__(self, model, *args, rename=None, **kwargs):
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_envoy", Envoy(model, rename=rename))
+        object.__setattr__(self, "_edits", [])  # graphs every trace starts with (model.edit())
 
     # -- tracing -------------------------------------------------------------------
 
@@ -26,6 +27,31 @@ class NNsight:
             (args, kw), _ = self._prepare_input(*inputs)
             return self._execute(*args, **{**kw, **kwargs})
         return Tracer(self, *inputs, **kwargs)
+
+    def session(self):
+        """``with model.session() as session:`` — traces inside run in order when it
+        exits; their values flow between them without .save()."""
+        from .session import Session
+
+        return Session(self)
+
+    def edit(self, *inputs, inplace=False, **kwargs):
+        """``with model.edit() as edited:`` — interventions recorded here run in
+        every later trace of `edited` (a copy of this wrapper, or this one if
+        ``inplace=True``)."""
+        from .tracer import EditTracer
+
+        return EditTracer(self, *inputs, inplace=inplace, **kwargs)
+
+    def clear_edits(self):
+        """Drops the edits made with ``model.edit(...)``."""
+        object.__setattr__(self, "_edits", [])
+
+    def _shallow_copy(self):
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        object.__setattr__(copy, "_edits", list(self._edits))
+        return copy
 
     # -- input handling (nnsight 0.4's signatures) ---------------------------------------
 
@@ -62,7 +88,10 @@ class NNsight:
         return getattr(self._envoy, name)
 
     def __setattr__(self, name, value):
-        setattr(self._envoy, name, value)
+        if name == "_edits":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._envoy, name, value)
 
     def __getitem__(self, index):
         return self._envoy[index]

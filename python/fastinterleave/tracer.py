@@ -6,7 +6,7 @@ import sys
 from . import _C
 from .config import CONFIG
 from .errors import annotate
-from .graph import CALL, COND, ENDCOND, OUTPUT, RUNNING, SITE, STOP, SWAP, Graph
+from .graph import CALL, COND, ENDCOND, OPEN, OUTPUT, RUNNING, SITE, STOP, SWAP, Graph, _keep_foreign, resolve
 from .proxy import Proxy
 
 _CO_OPTIMIZED = 0x0001
@@ -15,7 +15,7 @@ _CO_OPTIMIZED = 0x0001
 _BUILTIN_OPS = {len: "len", abs: "abs", int: "Int", float: "Float", bool: "Bool"}
 
 # Traces being recorded, innermost last (module-level helpers record into it).
-_OPEN = []
+_OPEN = OPEN
 
 
 def current_tracer():
@@ -35,6 +35,7 @@ class Invoker:
         self.inputs = None
         self.batch_size = None
         self.index = None
+        self._deferred = False
 
     def __enter__(self):
         tracer = self.tracer
@@ -45,7 +46,13 @@ class Invoker:
         if tracer._graph.state != 0:
             raise _C.InterventionError("this trace has already run")
         inputs, kwargs = self._raw
-        self.inputs, self.batch_size = tracer._model._prepare_input(*inputs, **kwargs)
+        self._deferred = _has_proxy(self._raw)
+        if self._deferred:
+            # Inputs computed by an earlier step of a session: prepared when they exist.
+            _keep_foreign(tracer._graph, self._raw)
+            self.inputs = self._raw
+        else:
+            self.inputs, self.batch_size = tracer._model._prepare_input(*inputs, **kwargs)
         self.index = len(tracer._invokers)
         tracer._invokers.append(self)
         tracer._invoker = self
@@ -70,6 +77,11 @@ class Tracer:
             )
         self._model = model
         self._graph = Graph()
+        self._session = model._envoy._session
+        if self._session is not None:
+            self._graph.shared = True
+        for edit in model._edits:
+            self._graph.extend(edit)
         self._invokers = []
         self._invoker = None
         self._cache = {}
@@ -115,6 +127,9 @@ class Tracer:
         self._close()
         frame, self._frame = self._frame, None
         if exc_type is not None:
+            return False
+        if self._session is not None:
+            self._session._add_trace(self)  # runs when the session exits
             return False
         self._execute()
         if CONFIG.APP.FRAME_INJECTION:
@@ -165,7 +180,7 @@ class Tracer:
 
     # -- running -------------------------------------------------------------------------
 
-    def _execute(self):
+    def _execute(self, keep_nodes=False):
         graph = self._graph
         model = self._model
         if not self._invokers:
@@ -176,6 +191,9 @@ class Tracer:
         layout = []
         start = 0
         for inv in self._invokers:
+            if inv._deferred:  # each run (a session loop) reads the current values
+                inputs, kw = resolve(inv._raw)
+                inv.inputs, inv.batch_size = model._prepare_input(*inputs, **kw)
             args, kwargs = inv.inputs
             batched = model._batch(batched, *args, **kwargs)
             layout.append((start, inv.batch_size))
@@ -217,7 +235,7 @@ class Tracer:
         except BaseException as e:
             graph.finish(values)
             raise annotate(e, graph)
-        graph.finish(values)
+        graph.finish(values, keep_nodes)
 
 
 class Condition:
@@ -250,6 +268,41 @@ class Condition:
         """The branch taken when no earlier branch of the chain was (with a
         condition: an elif)."""
         return Condition(self._tracer, condition, previous=self)
+
+
+class EditTracer(Tracer):
+    """``with model.edit() as edited:`` records interventions that every later
+    trace of `edited` starts with (on a copy of the model wrapper, or in place)."""
+
+    def __init__(self, model, *inputs, inplace=False, **kwargs):
+        target = model if inplace else model._shallow_copy()
+        super().__init__(target, *inputs, **kwargs)
+        self._target = target
+        self._graph.invoker = -1  # edits see the whole batch, whatever its size
+
+    def __enter__(self):
+        super().__enter__()
+        self._graph.invoker = -1
+        return self._target
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._implicit is not None:
+            self._implicit.__exit__(None, None, None)
+        self._close()
+        self._frame = None
+        if exc_type is None:
+            self._target._edits = [*self._target._edits, self._graph]
+        return False
+
+
+def _has_proxy(obj):
+    if isinstance(obj, Proxy):
+        return True
+    if type(obj) in (tuple, list):
+        return any(_has_proxy(x) for x in obj)
+    if type(obj) is dict:
+        return any(_has_proxy(x) for x in obj.values())
+    return False
 
 
 def _inject(frame, graph):
