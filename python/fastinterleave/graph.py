@@ -32,7 +32,7 @@ class Graph:
 
     __slots__ = (
         "nodes", "sites", "_site_index", "saved", "lines", "_line_index", "fns", "_fn_index",
-        "invoker", "values", "state", "node_lines", "shared", "__weakref__",
+        "invoker", "values", "state", "node_lines", "shared", "fake", "fake_mode", "validate", "__weakref__",
     )
 
     def __init__(self):
@@ -49,6 +49,9 @@ class Graph:
         self.state = RECORDING
         self.node_lines = None
         self.shared = False  # in a session: proxies of other graphs read here are kept for it
+        self.fake = None  # scan=True: node -> fake value (shapes while recording)
+        self.fake_mode = None
+        self.validate = False
 
     # -- recording -------------------------------------------------------------
 
@@ -65,6 +68,12 @@ class Graph:
                 _keep_foreign(self, kwargs)
         index = len(self.nodes)
         self.nodes.append((op, name, args, kwargs, site, iteration, self.invoker, projection, py_fn, self._line()))
+        if self.fake is not None and op != SITE:
+            from .scan import fake_eval
+
+            value = fake_eval(self, op, name, args, kwargs, fn, self.validate)
+            if value is not None:
+                self.fake[index] = value
         return Proxy(self, index)
 
     def site(self, module_path, kind):

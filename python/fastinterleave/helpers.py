@@ -1,6 +1,7 @@
 """Module-level helpers of nnsight 0.4: ``nnsight.apply``, ``nnsight.list()``, ..."""
 
 import builtins
+import functools
 
 from . import _C
 
@@ -34,6 +35,29 @@ def stop():
     _tracer().stop()
 
 
+def trace(fn):
+    """Decorator: calls of `fn` inside a trace record one node (run with the
+    model) instead of tracing its body."""
+
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        return apply(fn, *args, **kwargs)
+
+    return inner
+
+
+def iter(collection):
+    """``with nnsight.iter(items) as item:`` — a loop over session steps (see
+    Session.iter). Loops inside one trace are not supported: use a session."""
+    tracer = _tracer()
+    if not hasattr(tracer, "iter"):
+        raise _C.InterventionError(
+            "nnsight.iter loops over the steps of a session (`with model.session() as session:`); "
+            "a loop inside one trace is not supported"
+        )
+    return tracer.iter(collection)
+
+
 def _container(kind):
     def make(*args, **kwargs):
         return apply(kind, *args, **kwargs)
@@ -51,3 +75,6 @@ int = _container(builtins.int)
 float = _container(builtins.float)
 str = _container(builtins.str)
 bool = _container(builtins.bool)
+bytes = _container(builtins.bytes)
+complex = _container(builtins.complex)
+bytearray = _container(builtins.bytearray)

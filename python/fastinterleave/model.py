@@ -28,6 +28,13 @@ class NNsight:
             return self._execute(*args, **{**kw, **kwargs})
         return Tracer(self, *inputs, **kwargs)
 
+    def scan(self, *inputs, **kwargs):
+        """``with model.scan(x):`` — records on fake tensors only: shapes and
+        errors show while recording, nothing runs."""
+        tracer = Tracer(self, *inputs, scan=True, validate=True, **kwargs)
+        tracer._run_model = False
+        return tracer
+
     def session(self):
         """``with model.session() as session:`` — traces inside run in order when it
         exits; their values flow between them without .save()."""

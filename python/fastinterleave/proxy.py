@@ -16,6 +16,7 @@ _DUNDER_ATEN = {
 }
 
 _METHODS = {}
+_KNOWN_AFTER_SCAN = {"shape", "dtype", "device", "ndim"}
 
 
 def _method(name):
@@ -117,6 +118,9 @@ class Proxy:
     def __getattr__(self, name):
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
+        fake = self._graph.fake
+        if fake is not None and name in _KNOWN_AFTER_SCAN and self._node in fake:
+            return getattr(fake[self._node], name)  # real values once scanned
         return self._graph.add(GETATTR, name, (self,))
 
     def __call__(self, *args, **kwargs):

@@ -4,7 +4,7 @@ one block and run in order when it exits. Values flow between them without
 
 import sys
 
-from . import _C
+from . import _C, patching
 from .config import CONFIG
 from .graph import CALL, STOP, Graph, _keep_foreign, resolve
 
@@ -36,6 +36,7 @@ class Session:
             raise _C.InterventionError("a session cannot be opened inside a trace")
         object.__setattr__(root, "_session", self)
         _OPEN.append(self)
+        patching.patch()
         self._frame = sys._getframe(1)
         self._new_segment()
         return self
@@ -80,6 +81,7 @@ class Session:
         object.__setattr__(self._model._envoy, "_session", None)
         if self in _OPEN:
             _OPEN.remove(self)
+            patching.unpatch()
         if exc_type is not None:
             return False
         try:

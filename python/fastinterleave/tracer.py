@@ -3,10 +3,10 @@
 import ctypes
 import sys
 
-from . import _C
+from . import _C, patching
 from .config import CONFIG
 from .errors import annotate
-from .graph import CALL, COND, ENDCOND, OPEN, OUTPUT, RUNNING, SITE, STOP, SWAP, Graph, _keep_foreign, resolve
+from .graph import CALL, COND, ENDCOND, FIRST_ARG, OPEN, OUTPUT, RUNNING, SITE, STOP, SWAP, Graph, _keep_foreign, resolve
 from .proxy import Proxy
 
 _CO_OPTIMIZED = 0x0001
@@ -53,6 +53,12 @@ class Invoker:
             self.inputs = self._raw
         else:
             self.inputs, self.batch_size = tracer._model._prepare_input(*inputs, **kwargs)
+            if tracer._scan:
+                from .scan import scan_model
+
+                fakes, mode = scan_model(tracer._model, *self.inputs)
+                tracer._fakes[len(tracer._invokers)] = fakes
+                tracer._graph.fake_mode = mode
         self.index = len(tracer._invokers)
         tracer._invokers.append(self)
         tracer._invoker = self
@@ -71,6 +77,8 @@ class Tracer:
     one forward pass of all invokes' inputs when the block exits."""
 
     def __init__(self, model, *inputs, scan=False, validate=False, remote=False, backend=None, **kwargs):
+        self._scan = scan or validate
+        self._run_model = True
         if remote or backend is not None:
             raise NotImplementedError(
                 "fastinterleave runs models locally: remote execution (remote=True / backend=...) is not supported"
@@ -80,6 +88,10 @@ class Tracer:
         self._session = model._envoy._session
         if self._session is not None:
             self._graph.shared = True
+        if self._scan:
+            self._graph.fake = {}
+            self._graph.validate = validate
+        self._fakes = {}  # invoker index -> {(path, kind): fake values per call}
         for edit in model._edits:
             self._graph.extend(edit)
         self._invokers = []
@@ -107,6 +119,7 @@ class Tracer:
             raise _C.InterventionError("a trace of this model is already open: traces cannot be nested")
         object.__setattr__(root, "_tracer", self)
         _OPEN.append(self)
+        patching.patch()
         self._frame = sys._getframe(1)
         if self._implicit is not None:
             try:
@@ -120,6 +133,7 @@ class Tracer:
         object.__setattr__(self._model._envoy, "_tracer", None)
         if self in _OPEN:
             _OPEN.remove(self)
+            patching.unpatch()
 
     def __exit__(self, exc_type, exc, tb):
         if self._implicit is not None:
@@ -130,6 +144,8 @@ class Tracer:
             return False
         if self._session is not None:
             self._session._add_trace(self)  # runs when the session exits
+            return False
+        if not self._run_model:  # model.scan(...): shapes only
             return False
         self._execute()
         if CONFIG.APP.FRAME_INJECTION:
@@ -152,6 +168,12 @@ class Tracer:
             graph = self._graph
             proxy = graph.add(SITE, "", (), None, graph.site(path, kind), calls, projection)
             self._cache[key] = proxy
+            fakes = self._fakes.get(graph.invoker)
+            if fakes is not None and type(calls) is int:
+                per_call = fakes.get((path, kind), [])
+                if calls < len(per_call):
+                    value = per_call[calls]
+                    graph.fake[proxy._node] = value[0][0] if projection == FIRST_ARG else value
         return proxy
 
     def _swap(self, path, kind, projection, value, calls=None):
