@@ -2,6 +2,7 @@
 
 import ctypes
 import sys
+import weakref
 
 from . import _C, patching
 from .config import CONFIG
@@ -30,12 +31,16 @@ class Invoker:
     how many rows it adds to the batch."""
 
     def __init__(self, tracer, *inputs, **kwargs):
-        self.tracer = tracer
+        self._tracer = weakref.ref(tracer)  # the tracer holds its invokers: no cycle
         self._raw = (inputs, kwargs)
         self.inputs = None
         self.batch_size = None
         self.index = None
         self._deferred = False
+
+    @property
+    def tracer(self):
+        return self._tracer()
 
     def __enter__(self):
         tracer = self.tracer
