@@ -134,6 +134,30 @@ class NNsight:
         return f"{type(self).__name__}({self._model!r})"
 
 
+def batch_all(inputs):
+    """What folding NNsight._batch over every invoke's ``(args, kwargs)`` gives, in one
+    concatenation per argument."""
+    first_args, first_kwargs = inputs[0]
+    for args, kwargs in inputs[1:]:
+        if len(args) != len(first_args) or set(kwargs) != set(first_kwargs):
+            raise ValueError("every invoke must pass the same arguments to be batched together")
+
+    def join(values):
+        if all(isinstance(v, torch.Tensor) for v in values):
+            return torch.cat(values, dim=0)
+        first = values[0]
+        for v in values[1:]:
+            if not (v is first or (not isinstance(v, torch.Tensor) and v == first)):
+                raise ValueError(
+                    f"cannot batch invoke inputs of type {type(v).__name__} that differ between invokes"
+                )
+        return first
+
+    args = tuple(join([a[i] for a, _ in inputs]) for i in range(len(first_args)))
+    kwargs = {k: join([kw[k] for _, kw in inputs]) for k in first_kwargs}
+    return args, kwargs
+
+
 def _cat(a, b):
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return torch.cat([a, b], dim=0)

@@ -214,18 +214,25 @@ class Tracer:
             raise _C.InterventionError(
                 "this trace has no inputs: pass them to model.trace(...) or open `with tracer.invoke(...)` blocks"
             )
-        batched = None
         layout = []
         start = 0
         for inv in self._invokers:
             if inv._deferred:  # each run (a session loop) reads the current values
                 inputs, kw = resolve(inv._raw)
                 inv.inputs, inv.batch_size = model._prepare_input(*inputs, **kw)
-            args, kwargs = inv.inputs
-            batched = model._batch(batched, *args, **kwargs)
             layout.append((start, inv.batch_size))
             start += inv.batch_size
-        args, kwargs = batched
+        from .model import NNsight, batch_all
+
+        if len(self._invokers) > 1 and type(model)._batch is NNsight._batch:
+            # The default batching, done once (folding _batch over N invokes is O(N^2)).
+            args, kwargs = batch_all([inv.inputs for inv in self._invokers])
+        else:
+            batched = None
+            for inv in self._invokers:
+                args, kwargs = inv.inputs
+                batched = model._batch(batched, *args, **kwargs)
+            args, kwargs = batched
         if self._model_kwargs:
             kwargs = {**kwargs, **self._model_kwargs}
 
