@@ -40,6 +40,7 @@ from .language import LanguageModel  # noqa: E402
 from .model import NNsight  # noqa: E402
 from .proxy import Proxy  # noqa: E402
 from .tracer import Invoker, Tracer  # noqa: E402
+from . import sweep  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -67,5 +68,6 @@ __all__ = [
     "set",
     "stop",
     "str",
+    "sweep",
     "tuple",
 ]
