@@ -20,7 +20,7 @@ constexpr char kTensorMagic[8] = {'F', 'I', 'T', 'E', 'N', 'S', 'O', 'R'};
 constexpr int kMaxDepth = 64;
 constexpr uint64_t kMaxString = 1u << 20;
 
-enum class Tag : uint8_t { None = 0, Bool = 1, Int = 2, Double = 3, String = 4, Tensor = 5, Tuple = 6, List = 7, Device = 8 };
+enum class Tag : uint8_t { None = 0, Bool = 1, Int = 2, Double = 3, String = 4, Tensor = 5, Tuple = 6, List = 7, Device = 8, DType = 9 };
 
 class Writer {
  public:
@@ -52,13 +52,15 @@ class Writer {
     else if (v.isString()) { pod(Tag::String); str(v.toStringRef()); }
     else if (v.isTensor()) { pod(Tag::Tensor); tensor(v.toTensor()); }
     else if (v.isDevice()) { pod(Tag::Device); str(v.toDevice().str()); }
+    else if (auto dtype = as_dtype(v)) { pod(Tag::DType); pod<uint8_t>(static_cast<uint8_t>(*dtype)); }
     else if (v.isTuple() || v.isList()) {
       pod(v.isTuple() ? Tag::Tuple : Tag::List);
       c10::ArrayRef<IValue> items = v.isTuple() ? v.toTupleRef().elements() : v.toListRef();
       pod<uint32_t>(static_cast<uint32_t>(items.size()));
       for (const auto& x : items) value(x, depth + 1);
     } else {
-      throw std::invalid_argument(std::string("a constant of type ") + v.tagKind() + " cannot be saved in a graph file");
+      throw std::invalid_argument(std::string("a constant of type ") + (v.isCapsule() ? "Python object" : v.tagKind()) +
+                                  " cannot be saved in a graph file");
     }
   }
   void arg(const Arg& a, int depth = 0) {
@@ -159,6 +161,11 @@ class Reader {
         } catch (const c10::Error&) {
           fail("bad device string");
         }
+      case Tag::DType: {
+        auto st = pod<uint8_t>();
+        if (st >= static_cast<uint8_t>(at::ScalarType::NumOptions)) fail("unknown dtype");
+        return make_dtype(static_cast<at::ScalarType>(st));
+      }
       case Tag::Tuple: {
         auto n = count(1);
         std::vector<IValue> items;
@@ -213,7 +220,77 @@ class Reader {
 
 }  // namespace
 
-std::string serialize_graph(const Graph& g) {
+size_t ValueStructure::num_tensors() const {
+  if (kind == Kind::Tensor) return 1;
+  size_t n = 0;
+  for (const auto& x : items) n += x.num_tensors();
+  return n;
+}
+
+namespace {
+
+void write_structure(Writer& w, const ValueStructure& s, int depth = 0) {
+  if (depth > kMaxDepth) throw std::invalid_argument("value structure nested too deeply to save");
+  w.pod<uint8_t>(static_cast<uint8_t>(s.kind));
+  switch (s.kind) {
+    case ValueStructure::Kind::Tensor: w.pod<int32_t>(s.ndim); break;
+    case ValueStructure::Kind::Const: w.value(s.value); break;
+    case ValueStructure::Kind::Opaque: w.str(s.type_name); break;
+    case ValueStructure::Kind::Tuple:
+    case ValueStructure::Kind::List:
+      w.pod<uint32_t>(static_cast<uint32_t>(s.items.size()));
+      for (const auto& x : s.items) write_structure(w, x, depth + 1);
+      break;
+    case ValueStructure::Kind::Dict:
+    case ValueStructure::Kind::Record:
+      if (s.keys.size() != s.items.size()) throw std::invalid_argument("value structure: keys and items differ in number");
+      w.pod<uint32_t>(static_cast<uint32_t>(s.items.size()));
+      for (size_t i = 0; i < s.items.size(); ++i) { w.str(s.keys[i]); write_structure(w, s.items[i], depth + 1); }
+      break;
+  }
+}
+
+ValueStructure read_structure(Reader& r, int depth = 0) {
+  if (depth > kMaxDepth) r.fail("value structure nested too deeply");
+  auto kind = r.pod<uint8_t>();
+  if (kind > static_cast<uint8_t>(ValueStructure::Kind::Opaque)) r.fail("unknown value structure kind");
+  ValueStructure s;
+  s.kind = static_cast<ValueStructure::Kind>(kind);
+  switch (s.kind) {
+    case ValueStructure::Kind::Tensor:
+      s.ndim = r.pod<int32_t>();
+      if (s.ndim < 0 || s.ndim > 64) r.fail("bad tensor rank in a value structure");
+      break;
+    case ValueStructure::Kind::Const:
+      s.value = r.value(kMaxDepth);  // a scalar: no nesting
+      if (!(s.value.isNone() || s.value.isBool() || s.value.isInt() || s.value.isDouble() || s.value.isString())) {
+        r.fail("a value structure constant must be None, a bool, an int, a float or a string");
+      }
+      break;
+    case ValueStructure::Kind::Opaque: s.type_name = r.str(); break;
+    case ValueStructure::Kind::Tuple:
+    case ValueStructure::Kind::List: {
+      auto n = r.count(1);
+      for (uint32_t i = 0; i < n; ++i) s.items.push_back(read_structure(r, depth + 1));
+      break;
+    }
+    case ValueStructure::Kind::Dict:
+    case ValueStructure::Kind::Record: {
+      auto n = r.count(5);
+      for (uint32_t i = 0; i < n; ++i) {
+        s.keys.push_back(r.str());
+        s.items.push_back(read_structure(r, depth + 1));
+      }
+      break;
+    }
+  }
+  return s;
+}
+
+}  // namespace
+
+std::string serialize_graph_file(const GraphFile& file) {
+  const Graph& g = file.graph;
   g.validate();
   Writer w;
   w.bytes(kGraphMagic, 8);
@@ -228,16 +305,20 @@ std::string serialize_graph(const Graph& g) {
   w.pod<uint32_t>(static_cast<uint32_t>(g.nodes.size()));
   for (size_t i = 0; i < g.nodes.size(); ++i) {
     const Node& n = g.nodes[i];
+    auto where = [&] { return g.describe(static_cast<int32_t>(i)); };
     if (n.py_fn >= 0 && n.name.empty()) {
-      throw std::invalid_argument("cannot export: this node runs Python code, which a graph file cannot hold: " +
-                                  g.describe(static_cast<int32_t>(i)));
+      throw std::invalid_argument("cannot export: this node runs Python code, which a graph file cannot hold: " + where());
     }
-    w.pod<uint8_t>(static_cast<uint8_t>(n.op));
-    w.str(n.name);
-    w.pod<uint32_t>(static_cast<uint32_t>(n.args.size()));
-    for (const auto& a : n.args) w.arg(a);
-    w.pod<uint32_t>(static_cast<uint32_t>(n.kwargs.size()));
-    for (const auto& kw : n.kwargs) { w.str(kw.first); w.arg(kw.second); }
+    try {
+      w.pod<uint8_t>(static_cast<uint8_t>(n.op));
+      w.str(n.name);
+      w.pod<uint32_t>(static_cast<uint32_t>(n.args.size()));
+      for (const auto& a : n.args) w.arg(a);
+      w.pod<uint32_t>(static_cast<uint32_t>(n.kwargs.size()));
+      for (const auto& kw : n.kwargs) { w.str(kw.first); w.arg(kw.second); }
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(std::string("cannot export: ") + e.what() + ": " + where());
+    }
     w.pod<int32_t>(n.site);
     w.pod<int32_t>(n.iteration);
     w.pod<int32_t>(n.iter_stop);
@@ -248,24 +329,51 @@ std::string serialize_graph(const Graph& g) {
     w.pod<int32_t>(n.line);
     w.pod<uint8_t>(n.saved ? 1 : 0);
   }
-  return w.take();
+  // Version 2: names of saved values, then the structures of site values.
+  w.pod<uint32_t>(static_cast<uint32_t>(file.names.size()));
+  for (const auto& [name, node] : file.names) { w.str(name); w.pod<int32_t>(node); }
+  if (!file.structures.empty() && file.structures.size() != g.sites.size()) {
+    throw std::invalid_argument("cannot export: one value structure per site expected");
+  }
+  uint32_t nstruct = 0;
+  for (const auto& s : file.structures) nstruct += s ? 1 : 0;
+  w.pod<uint32_t>(nstruct);
+  for (size_t i = 0; i < file.structures.size(); ++i) {
+    if (!file.structures[i]) continue;
+    w.pod<int32_t>(static_cast<int32_t>(i));
+    write_structure(w, *file.structures[i]);
+  }
+  std::string bytes = w.take();
+  deserialize_graph_file(bytes);  // what we write, we can read: names and structures checked too
+  return bytes;
 }
 
-Graph deserialize_graph(const std::string& bytes) {
+std::string serialize_graph(const Graph& g) {
+  GraphFile file;
+  file.graph = g;
+  return serialize_graph_file(file);
+}
+
+GraphFile deserialize_graph_file(const std::string& bytes) {
   Reader r(bytes);
   r.magic(kGraphMagic);
   auto version = r.pod<uint32_t>();
   if (version != kGraphFormatVersion) {
-    throw std::invalid_argument("unsupported graph file version " + std::to_string(version) + " (this build reads version " +
-                                std::to_string(kGraphFormatVersion) + ")");
+    r.fail("unsupported graph file version " + std::to_string(version) + " (this build reads version " +
+           std::to_string(kGraphFormatVersion) + ")");
   }
-  Graph g;
+  GraphFile file;
+  Graph& g = file.graph;
   g.batch_size = r.pod<int64_t>();
   auto ninv = r.count(16);
   for (uint32_t i = 0; i < ninv; ++i) {
     InvokerSlice s;
     s.start = r.pod<int64_t>();
     s.size = r.pod<int64_t>();
+    // Checked here without overflow (any int64 pair can come in).
+    if (s.start < 0 || s.size < 0 || s.start > g.batch_size || s.size > g.batch_size - s.start) {
+      r.fail("an invoker's rows lie outside the batch");
+    }
     g.invokers.push_back(s);
   }
   auto nsites = r.count(5);
@@ -303,18 +411,43 @@ Graph deserialize_graph(const std::string& bytes) {
     if (proj > 1) r.fail("unknown projection");
     n.projection = static_cast<Projection>(proj);
     n.line = r.pod<int32_t>();
-    n.saved = r.pod<uint8_t>() != 0;
+    auto saved = r.pod<uint8_t>();
+    if (saved > 1) r.fail("bad saved flag");
+    n.saved = saved != 0;
     g.nodes.push_back(std::move(n));
+  }
+  auto nnames = r.count(8);
+  for (uint32_t i = 0; i < nnames; ++i) {
+    auto name = r.str();
+    auto node = r.pod<int32_t>();
+    if (name.empty()) r.fail("an empty name for a saved value");
+    if (node < 0 || static_cast<uint32_t>(node) >= nnodes) r.fail("name '" + name + "' refers to a node out of range");
+    if (!g.nodes[static_cast<size_t>(node)].saved) r.fail("name '" + name + "' refers to a node that is not saved");
+    for (const auto& [other, _] : file.names) {
+      if (other == name) r.fail("the name '" + name + "' is given twice");
+    }
+    file.names.emplace_back(std::move(name), node);
+  }
+  auto nstruct = r.count(6);
+  if (nstruct) file.structures.resize(nsites);
+  int32_t last_site = -1;
+  for (uint32_t i = 0; i < nstruct; ++i) {
+    auto site = r.pod<int32_t>();
+    if (site <= last_site || static_cast<uint32_t>(site) >= nsites) r.fail("value structures must name distinct sites in order");
+    last_site = site;
+    file.structures[static_cast<size_t>(site)] = read_structure(r);
   }
   if (!r.at_end()) r.fail("trailing bytes after the graph");
   g.validate();  // indices, references (earlier nodes only: no cycles), ranges
-  return g;
+  return file;
 }
+
+Graph deserialize_graph(const std::string& bytes) { return deserialize_graph_file(bytes).graph; }
 
 std::string serialize_tensors(const NamedTensors& tensors) {
   Writer w;
   w.bytes(kTensorMagic, 8);
-  w.pod<uint32_t>(kGraphFormatVersion);
+  w.pod<uint32_t>(kTensorFormatVersion);
   w.pod<uint32_t>(static_cast<uint32_t>(tensors.size()));
   for (const auto& [name, t] : tensors) { w.str(name); w.tensor(t); }
   return w.take();
@@ -323,7 +456,7 @@ std::string serialize_tensors(const NamedTensors& tensors) {
 NamedTensors deserialize_tensors(const std::string& bytes) {
   Reader r(bytes);
   r.magic(kTensorMagic);
-  if (r.pod<uint32_t>() != kGraphFormatVersion) r.fail("unsupported version");
+  if (r.pod<uint32_t>() != kTensorFormatVersion) r.fail("unsupported version");
   auto n = r.count(17);
   NamedTensors out;
   for (uint32_t i = 0; i < n; ++i) {
@@ -351,5 +484,7 @@ void write_file(const std::string& path, const std::string& bytes) {
 
 void save_graph(const Graph& graph, const std::string& path) { write_file(path, serialize_graph(graph)); }
 Graph load_graph(const std::string& path) { return deserialize_graph(read_file(path)); }
+void save_graph_file(const GraphFile& file, const std::string& path) { write_file(path, serialize_graph_file(file)); }
+GraphFile load_graph_file(const std::string& path) { return deserialize_graph_file(read_file(path)); }
 
 }  // namespace fastinterleave

@@ -271,6 +271,24 @@ class Tracer:
             raise annotate(e, graph)
         graph.finish(values, keep_nodes)
 
+    def export(self, path, names=None):
+        """Writes the graph that ran to `path`, for a C++ program to run with no Python.
+
+        Call it after the ``with`` block. The file is the versioned graph format of
+        docs/graph-format.md; a C++ program loads it with
+        ``fastinterleave::Intervention::load`` and runs it in a TorchScript model
+        (README: "C++ embedding"). Saved values are stored under names, by default
+        the names of the caller's variables holding them (``h = ....save()`` is
+        ``"h"``); ``names={"h": h}`` names them explicitly (saved proxies or the
+        values they gave). Exporting runs the model once more, without
+        interventions, to record the structure of each intercepted value.
+
+        Raises InterventionError when the graph holds Python code (``nnsight.apply``,
+        a Python-only operation or object), naming the line that recorded it."""
+        from .export import export_trace
+
+        export_trace(self, path, names, sys._getframe(1))
+
 
 class Condition:
     """A branch of a trace: ``with tracer.cond(c) as branch: ...`` then
