@@ -127,3 +127,19 @@ def test_edit_with_an_attached_module(net, xs):
     with edited.trace(x):
         out = model.output.save()
     torch.testing.assert_close(out, net.layer2(net.layer1(x) * 2))
+
+
+def test_data_loader_over_a_proxy(net):
+    model = nnsight.NNsight(net)
+    torch.manual_seed(4)
+    data = torch.rand(4, 5)
+    with model.session() as session:
+        with model.trace(data):
+            acts = model.layer1.output  # (4, 10), read later without .save()
+        loader = torch.utils.data.DataLoader(acts, batch_size=2)  # records a node: acts is a proxy
+        outs = nnsight.list().save()
+        with session.iter(loader) as batch:
+            with model.trace(data[:2]):
+                outs.append(model.layer2(batch))
+    assert len(outs) == 2
+    torch.testing.assert_close(torch.cat(list(outs)), net.layer2(net.layer1(data)))
