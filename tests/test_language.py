@@ -486,8 +486,6 @@ def test_generate_intervention_at_step_0(model, net, tok, device, hooks):
 @pytest.mark.python_fallback  # nnsight.list()
 def test_generate_steps_by_iteration(model, net, tok, device):
     """With iteration (`.all()` / `.iter[k]`): streamer call k>0 is step k's new token."""
-    if not hasattr(nnsight.Envoy, "all"):
-        pytest.skip("Envoy iteration (.all / .iter / .next) is not available yet")
     enc = encode(tok, "the cat sat", device)
     expected = hf_generate(net, tok, enc["input_ids"], enc["attention_mask"], 3)
     with model.generate("the cat sat", max_new_tokens=3):
@@ -504,8 +502,6 @@ def test_generate_steps_by_iteration(model, net, tok, device):
 
 def test_generate_step_k_is_call_k(model, net, tok, device, hooks):
     """`.next()` / `.iter[k]` on a module during generate: call k is step k (k=0 the prompt)."""
-    if not hasattr(nnsight.Envoy, "next"):
-        pytest.skip("Envoy iteration (.all / .iter / .next) is not available yet")
     enc = encode(tok, "the big red cat", device)
     calls = []
     hooks.output(net.transformer.ln_f, lambda o: calls.append(o.detach().clone()))
