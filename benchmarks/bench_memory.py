@@ -71,9 +71,9 @@ def one(approach, seq, dim):
                     h.remove()
         else:
             if approach == "fi":
-                m = fi_wrap(net)
+                m = fi_wrap(net, own_copy=False)  # alone in its process
             elif approach == "nnsight" and NNSIGHT is not None:
-                m = nn_wrap(net, batched=True)
+                m = nn_wrap(net, batched=True, own_copy=False)
             else:
                 raise SystemExit(f"unknown approach {approach}")
             with m.trace() as tracer:

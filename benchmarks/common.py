@@ -9,6 +9,7 @@ Every benchmark process times the approaches side by side in one process:
            share a process, so ``run.py`` runs one process per version)
 """
 
+import copy
 import gc
 import os
 import platform
@@ -139,7 +140,9 @@ class Observe:
         self.outputs = []
 
     def __enter__(self):
-        self.handle = self.module.register_forward_hook(self._hook)
+        # The module and the copies the tracing libraries run.
+        modules = [self.module, *_COPIES.get(id(self.module), [])]
+        self.handles = [m.register_forward_hook(self._hook) for m in modules]
         return self
 
     def _hook(self, module, args, output):
@@ -148,7 +151,8 @@ class Observe:
         self.outputs.append(output.detach().clone())
 
     def __exit__(self, *exc):
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
     @property
     def last(self):
@@ -214,16 +218,30 @@ def hidden(out, is_tuple):
 # -- the wrappers --------------------------------------------------------------------------
 
 
-def fi_wrap(module):
-    return fastinterleave.NNsight(module)
+# Each tracing library wraps its own copy of the model (same weights): fastinterleave
+# keeps its hooks installed between traces, and nnsight 0.8 wraps module forwards, so on a
+# shared module they would slow down the plain and raw-hook approaches timed beside them.
+_COPIES = {}  # id(original) -> the copies wrapped
 
 
-def nn_wrap(module, batched=False):
+def _own_copy(module):
+    clone = copy.deepcopy(module)
+    _COPIES.setdefault(id(module), []).append(clone)
+    return clone
+
+
+def fi_wrap(module, own_copy=True):
+    return fastinterleave.NNsight(_own_copy(module) if own_copy else module)
+
+
+def nn_wrap(module, batched=False, own_copy=True):
     """nnsight's NNsight over ``module``; ``batched=True`` gives a subclass whose ``_batch``
     concatenates positional tensor inputs (neither release batches several invokes on a
     plain NNsight: 0.4.11's default is broken, 0.8.1 raises NotImplementedError)."""
     if NNSIGHT is None:
         return None
+    if own_copy:
+        module = _own_copy(module)
     if not batched:
         return NNSIGHT.NNsight(module)
     return _batched_class()(module)

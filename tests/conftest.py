@@ -111,3 +111,28 @@ class Hooks:
 def hooks():
     with Hooks() as h:
         yield h
+
+
+def assert_hooks_idle(*roots):
+    """No hook is left on the modules of `roots` but fastinterleave's own, and none of
+    those is attached to a run. (The hooks of the last trace's sites stay installed
+    between traces; idle, they return at once and change nothing.)"""
+    from fastinterleave import _C
+
+    for root in roots:
+        for name, module in root.named_modules():
+            for hooks in (module._forward_hooks, module._forward_pre_hooks):
+                for hook in hooks.values():
+                    assert isinstance(hook, _C.SiteHook), (name, hook)
+                    assert not hook.attached, name
+            assert not module._backward_hooks, name
+            assert not getattr(module, "_backward_pre_hooks", {}), name
+
+
+def assert_no_hooks(*roots):
+    """No hook of any kind on any module of `roots`."""
+    for root in roots:
+        for name, module in root.named_modules():
+            assert not module._forward_hooks, name
+            assert not module._forward_pre_hooks, name
+            assert not module._backward_hooks, name

@@ -89,7 +89,7 @@ def test_cpp_reruns_a_plan_recorded_in_python(cpp_build, tmp_path):
     torch.testing.assert_close(a, net.layer2(net.layer1(x)))
 
     plan_file = tmp_path / "plan.fig"
-    tracer._plan.save(str(plan_file))
+    tracer._plan.write(str(plan_file))
     model_file = tmp_path / "model.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace is deprecated, still the way here

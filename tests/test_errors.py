@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastinterleave as nnsight
+from conftest import assert_hooks_idle
 from fastinterleave import InterventionError
 
 from conftest import make_tiny
@@ -31,10 +32,8 @@ def x():
 
 
 def assert_clean(model, net, x):
-    """No hooks left, and a fresh trace gives plain-forward values."""
-    for m in net.modules():
-        assert not m._forward_hooks and not m._forward_pre_hooks
-        assert not m._forward_hooks_with_kwargs and not m._forward_pre_hooks_with_kwargs
+    """No hook left active, and a fresh trace gives plain-forward values."""
+    assert_hooks_idle(net)
     with model.trace(x):
         out = model.output.save()
     torch.testing.assert_close(out, net(x))
@@ -97,7 +96,7 @@ def test_module_never_called_names_the_line(x):
     msg = str(err.value)
     assert "module 'unused' was never called" in msg
     assert "model.unused.output.save()  # the line to name" in msg
-    assert not model._model.unused._forward_hooks
+    assert_hooks_idle(model._model)
 
 
 def test_exception_inside_the_model_keeps_its_type_and_cleans_up(model, net, x):

@@ -9,18 +9,11 @@ import torch
 from torch.testing import assert_close
 
 import fastinterleave as nnsight
+from conftest import assert_hooks_idle
 
 pytest.importorskip("transformers")
 
 T = 8  # sequence length
-
-
-def assert_no_hooks(net):
-    for name, module in net.named_modules():
-        assert not module._forward_hooks, name
-        assert not module._forward_pre_hooks, name
-        assert not getattr(module, "_forward_hooks_with_kwargs", {}), name
-        assert not getattr(module, "_forward_pre_hooks_with_kwargs", {}), name
 
 
 def logits_of(net, ids):
@@ -29,7 +22,7 @@ def logits_of(net, ids):
 
 
 def assert_unchanged(net, ids, expected_logits):
-    assert_no_hooks(net)
+    assert_hooks_idle(net)
     assert_close(logits_of(net, ids), expected_logits, rtol=0, atol=0)
 
 

@@ -14,6 +14,7 @@ from torch.testing import assert_close
 
 import fastinterleave as nnsight
 from fastinterleave import LanguageModel
+from conftest import assert_hooks_idle
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -152,13 +153,6 @@ def block_returns_tuple(net, device):
     return isinstance(out["o"], tuple)
 
 
-def assert_no_hooks(*modules):
-    for root in modules:
-        for name, module in root.named_modules():
-            assert not module._forward_hooks, name
-            assert not module._forward_pre_hooks, name
-
-
 # -- inputs ---------------------------------------------------------------------------------------
 
 
@@ -183,7 +177,7 @@ def test_str_input(model, net, tok, device):
     assert kwargs["labels"] is None
     assert torch.equal(kwargs["input_ids"].cpu(), enc["input_ids"].cpu())
     assert torch.equal(kwargs["attention_mask"].cpu(), enc["attention_mask"].cpu())
-    assert_no_hooks(net)
+    assert_hooks_idle(net)
 
 
 def test_list_of_str_is_padded_like_the_tokenizer(model, net, tok, device):
@@ -352,7 +346,7 @@ def test_patch_between_invokes(net, tok, device, hooks):
     assert_close(l0[0], expected[0], **TOL)
     assert_close(l1[0, -2:], expected[1, -2:], **TOL)
     assert not torch.allclose(l1[0, -1], unpatched[1, -1], **TOL)
-    assert_no_hooks(net)
+    assert_hooks_idle(net)
 
 
 def test_swap_in_one_invoke_leaves_the_other(net, tok, device, hooks):
@@ -426,7 +420,7 @@ def test_generate_output_equals_hf_generate(model, net, tok, device):
     with torch.no_grad():
         expected_final = net.transformer(**enc).last_hidden_state
     assert_close(final, expected_final, **TOL)
-    assert_no_hooks(net, model._generator)
+    assert_hooks_idle(net, model._generator)
 
 
 def test_generate_with_invokes(model, net, tok, device):
@@ -480,7 +474,7 @@ def test_generate_intervention_at_step_0(model, net, tok, device, hooks):
     assert_close(final, seen["ln_f"], **TOL)
     with torch.no_grad():
         assert not torch.allclose(final, net.transformer(**enc).last_hidden_state, **TOL)
-    assert_no_hooks(net)
+    assert_hooks_idle(net)
 
 
 @pytest.mark.python_fallback  # nnsight.list()

@@ -13,7 +13,7 @@ import torch
 
 import fastinterleave as nnsight
 
-from conftest import make_tiny
+from conftest import assert_hooks_idle, make_tiny
 
 # Peak RSS rise of one workload in a fresh process (so allocator caches and
 # import peaks do not blur it), measured over the RSS just before it runs.
@@ -88,5 +88,4 @@ def test_repeated_traces_leave_nothing_behind():
         gc.enable()
     assert alive == 0
     assert isinstance(kept, torch.Tensor)
-    for m in net.modules():
-        assert not m._forward_hooks and not m._forward_pre_hooks
+    assert_hooks_idle(net)

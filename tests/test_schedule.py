@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fastinterleave as nnsight
+from conftest import assert_hooks_idle
 from fastinterleave import InterventionError
 
 from conftest import make_tiny
@@ -31,10 +32,6 @@ def x():
     return torch.rand(1, 5)
 
 
-def no_hooks(net):
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
-
-
 def test_save_before_stop_survives(model, net, x):
     with model.trace(x) as tracer:
         h = model.layer1.output.save()
@@ -44,7 +41,7 @@ def test_save_before_stop_survives(model, net, x):
     # Unset, as in nnsight: the forward pass ended before layer2.
     with pytest.raises(ValueError, match="never set"):
         after.value
-    assert no_hooks(net)
+    assert_hooks_idle(net)
 
 
 def test_stop_as_first_statement_runs_nothing(model, net, x):
@@ -128,7 +125,7 @@ def test_edit_that_would_run_after_the_module_ran_is_an_error(model, net, x):
     # Both lines are named, with their source.
     assert f":{_source_of(body, 'a[:, 3] = 0')}: a[:, 3] = 0" in msg
     assert f":{_source_of(body, 'b = model.layer2')}: b = model.layer2.output.save()" in msg
-    assert no_hooks(net)
+    assert_hooks_idle(net)
     # The model is unchanged and the next trace works.
     with model.trace(x):
         out = model.layer2.output.save()

@@ -10,24 +10,15 @@ import torch
 from torch.testing import assert_close
 
 import fastinterleave as nnsight
+from conftest import assert_hooks_idle
 
 
 # -- helpers ----------------------------------------------------------------------------
 
 
-def assert_no_hooks(net):
-    """No hook of any kind is left on any module of `net`."""
-    for name, module in net.named_modules():
-        assert not module._forward_hooks, name
-        assert not module._forward_pre_hooks, name
-        assert not getattr(module, "_forward_hooks_with_kwargs", {}), name
-        assert not getattr(module, "_forward_pre_hooks_with_kwargs", {}), name
-        assert not module._backward_hooks, name
-
-
 def assert_unchanged(net, x, expected_out):
-    """The model runs exactly as before: no hooks, same output as a plain forward."""
-    assert_no_hooks(net)
+    """The model runs exactly as before: no active hooks, same output as a plain forward."""
+    assert_hooks_idle(net)
     with torch.no_grad():
         assert_close(net(x), expected_out, rtol=0, atol=0)
 

@@ -156,6 +156,8 @@ void set_proxy_type(py::handle type) {
   g_proxy_type = type.ptr();
 }
 
+PyObject* proxy_type_object() { return g_proxy_type; }
+
 Arg to_arg(py::handle obj, py::handle graph) {
   PyObject* p = obj.ptr();
   if (g_proxy_type && PyObject_TypeCheck(p, reinterpret_cast<PyTypeObject*>(g_proxy_type))) {

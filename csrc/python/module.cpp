@@ -3,6 +3,7 @@
 
 namespace fastinterleave::python {
 void register_engine(pybind11::module_& m);
+void register_frames(pybind11::module_& m);
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -10,4 +11,5 @@ PYBIND11_MODULE(_C, m) {
   // Checked on import against the torch that imports us.
   m.attr("TORCH_VERSION") = FASTINTERLEAVE_TORCH_VERSION;
   fastinterleave::python::register_engine(m);
+  fastinterleave::python::register_frames(m);
 }

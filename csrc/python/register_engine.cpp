@@ -87,6 +87,8 @@ class PyRun {
 
   Run& run() { return run_; }
 
+  std::vector<py::object> attached;  // the SiteHooks serving this run
+
   py::object value(int32_t node) {
     c10::IValue v = run_.value(node);
     return to_python(v);
@@ -131,40 +133,59 @@ bool fire_without_gil(Run& r, int32_t site, c10::IValue& v) {
   return r.fire(site, v);
 }
 
-// A forward hook: returns None (keep the output) unless a swap replaced it.
-struct OutputHook {
-  std::shared_ptr<PyRun> run;
-  int32_t site;
-  py::object operator()(py::handle /*module*/, py::handle /*args*/, py::handle output) {
-    Run& r = run->run();
-    if (r.paused()) return py::none();
-    if (!r.pending(site)) {
-      r.skip_call(site);
-      return py::none();
-    }
-    c10::IValue v = to_ivalue(output);
-    if (!fire_without_gil(r, site, v)) return py::none();
-    return to_python(v, output);
-  }
-};
+// A module hook of the engine. It stays installed on its module between
+// traces (so a trace registers no hooks when its sites have not changed) and
+// returns at once, changing nothing, while no run is attached to it.
+// Output hooks take (module, args, output) and return the swapped output or
+// None; input pre-hooks (with kwargs) take (module, args, kwargs) and return
+// (args, kwargs) when swapped.
+struct SiteHook {
+  bool output = true;
+  std::shared_ptr<PyRun> run;  // null while idle
+  int32_t site = -1;
 
-// A forward pre-hook (with kwargs): returns (args, kwargs) when swapped.
-struct InputHook {
-  std::shared_ptr<PyRun> run;
-  int32_t site;
-  py::object operator()(py::handle /*module*/, py::handle args, py::handle kwargs) {
+  py::object operator()(py::handle /*module*/, py::handle a, py::handle b) {
+    if (!run) return py::none();
     Run& r = run->run();
     if (r.paused()) return py::none();
     if (!r.pending(site)) {
       r.skip_call(site);
       return py::none();
     }
-    py::tuple pair = py::make_tuple(args, kwargs);
+    if (output) {
+      c10::IValue v = to_ivalue(b);
+      if (!fire_without_gil(r, site, v)) return py::none();
+      return to_python(v, b);
+    }
+    py::tuple pair = py::make_tuple(a, b);
     c10::IValue v = to_ivalue(pair);
     if (!fire_without_gil(r, site, v)) return py::none();
     return to_python(v, pair);
   }
 };
+
+// Attaches `hooks` (one per plan site, in site order) to a run; detach() makes
+// them idle again. The run keeps them alive while attached.
+void attach(const std::shared_ptr<PyRun>& run, py::list hooks) {
+  if (!run->attached.empty()) throw std::logic_error("fastinterleave: this run already has hooks");
+  for (py::handle h : hooks) {
+    if (h.cast<SiteHook&>().run) {
+      throw std::logic_error("fastinterleave: a hook is attached to another run (the same model running twice at once)");
+    }
+  }
+  int32_t site = 0;
+  for (py::handle h : hooks) {
+    auto& hook = h.cast<SiteHook&>();
+    hook.run = run;
+    hook.site = site++;
+    run->attached.push_back(py::reinterpret_borrow<py::object>(h));
+  }
+}
+
+void detach(PyRun& run) {
+  for (py::handle h : run.attached) h.cast<SiteHook&>().run.reset();
+  run.attached.clear();
+}
 
 PyObject* python_error_type(const std::exception_ptr& cause, std::string& message) {
   try {
@@ -267,7 +288,7 @@ void register_engine(py::module_& m) {
                              })
       .def_property_readonly("num_nodes", [](const PyPlan& p) { return p.plan->size(); })
       .def("serialize", [](const PyPlan& p) { return py::bytes(serialize_graph(*p.plan->graph)); })
-      .def("save", [](const PyPlan& p, const std::string& path) { save_graph(*p.plan->graph, path); });
+      .def("write", [](const PyPlan& p, const std::string& path) { save_graph(*p.plan->graph, path); });
 
   m.def(
       "compile",
@@ -281,21 +302,27 @@ void register_engine(py::module_& m) {
 
   m.def("load_plan", [](py::bytes data) { return PyPlan{compile(std::make_shared<Graph>(deserialize_graph(data)))}; });
 
-  py::class_<OutputHook>(m, "OutputHook").def("__call__", &OutputHook::operator());
-  py::class_<InputHook>(m, "InputHook").def("__call__", &InputHook::operator());
+  py::class_<SiteHook>(m, "SiteHook")
+      .def(py::init([](bool output) { return SiteHook{output}; }), py::arg("output"))
+      .def("__call__", &SiteHook::operator())
+      .def_property_readonly("attached", [](const SiteHook& h) { return static_cast<bool>(h.run); });
 
   py::class_<PyRun, std::shared_ptr<PyRun>>(m, "Run")
       .def(py::init<const PyPlan&, py::list, bool>(), py::arg("plan"), py::arg("fns"), py::arg("allow_fallback") = true)
       .def("begin", [](PyRun& r) { r.run().begin(); }, py::call_guard<py::gil_scoped_release>())
       .def("end", [](PyRun& r) { r.run().end(); }, py::call_guard<py::gil_scoped_release>())
       .def("end_stopped", [](PyRun& r) { r.run().end_stopped(); })
-      .def("release", [](PyRun& r) { r.run().release(); })
+      .def("release",
+           [](PyRun& r) {
+             detach(r);
+             r.run().release();
+           })
+      .def("attach", &attach)
+      .def("detach", &detach)
       .def("has_value", [](PyRun& r, int32_t node) { return r.run().has_value(node); })
       .def("done", [](PyRun& r, int32_t node) { return r.run().done(node); })
       .def("value", &PyRun::value)
-      .def("calls", [](PyRun& r, int32_t site) { return r.run().calls(site); })
-      .def("output_hook", [](std::shared_ptr<PyRun> r, int32_t site) { return OutputHook{std::move(r), site}; })
-      .def("input_hook", [](std::shared_ptr<PyRun> r, int32_t site) { return InputHook{std::move(r), site}; });
+      .def("calls", [](PyRun& r, int32_t site) { return r.run().calls(site); });
 
   m.def("save_tensors", [](const std::string& path, py::list items) {
     NamedTensors ts;

@@ -4,6 +4,7 @@ import torch
 
 from . import _C
 from .graph import CALL, FIRST_ARG, INPUT, OUTPUT, WHOLE
+from .hooks import ModelHooks
 
 
 class Envoy:
@@ -18,11 +19,15 @@ class Envoy:
         object.__setattr__(self, "_root", root if root is not None else self)
         object.__setattr__(self, "_tracer", None)  # the open tracer (root envoy only)
         object.__setattr__(self, "_session", None)  # the open session (root envoy only)
+        # The engine's hooks on the model (root envoy only; shared by edit copies).
+        object.__setattr__(self, "_hooks", ModelHooks(self) if root is None else None)
         object.__setattr__(self, "_rename", dict(rename or {}))
         children = {}
         for name, child in module.named_children():
             children[name] = Envoy(child, f"{path}.{name}" if path else name, self._root, rename)
         object.__setattr__(self, "_children", children)
+        for name, child in children.items():
+            _expose(self, name, child)
         aliases = {}
         for alias, target in self._rename.items():
             # An alias names a child (`rename={"transformer": "model"}`) or a longer path.
@@ -71,9 +76,13 @@ class Envoy:
             object.__setattr__(self, name, value)
         elif isinstance(value, torch.nn.Module):
             setattr(self._module, name, value)
-            self._children[name] = Envoy(value, f"{self._path}.{name}" if self._path else name, self._root)
+            child = self._children[name] = Envoy(value, f"{self._path}.{name}" if self._path else name, self._root)
+            _expose(self, name, child)
+            self._root._hooks.remove()  # hooks sit on the modules that were there
         else:
             setattr(self._module, name, value)
+            if self._children.pop(name, None) is not None:  # a submodule replaced by a non-module
+                _unexpose(self, name)
 
     def __getitem__(self, index):
         items = list(self._children.values())
@@ -160,6 +169,19 @@ class Envoy:
     @input.setter
     def input(self, value):
         self._open_tracer("input")._swap(self._path, INPUT, FIRST_ARG, value)
+
+
+def _expose(owner, name, child):
+    """Makes ``owner.name`` the child envoy by plain attribute lookup (no ``__getattr__``
+    call per access), unless `owner`'s class has an attribute of that name (which wins,
+    as it would through ``__getattr__``)."""
+    if not hasattr(type(owner), name) and name.isidentifier():
+        object.__setattr__(owner, name, child)
+
+
+def _unexpose(owner, name):
+    if owner.__dict__.get(name) is not None and not name.startswith("_"):
+        object.__delattr__(owner, name)
 
 
 def _calls(spec):

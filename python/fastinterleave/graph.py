@@ -19,6 +19,7 @@ OUTPUT, INPUT = 0, 1
 WHOLE, FIRST_ARG = 0, 1
 
 _SKIP_DIRS = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+_SKIP_FILES = {}  # filename -> whether a recorded line skips it (fastinterleave's and torch's files)
 
 RECORDING, DONE, RUNNING = 0, 1, 2
 
@@ -93,15 +94,22 @@ class Graph:
 
     def _line(self):
         frame = sys._getframe(2)
-        while frame is not None and frame.f_code.co_filename.startswith(_SKIP_DIRS):
+        skip = _SKIP_FILES
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            skipped = skip.get(filename)
+            if skipped is None:
+                skipped = skip[filename] = filename.startswith(_SKIP_DIRS)
+            if not skipped:
+                break
             frame = frame.f_back
         if frame is None:
             return -1
-        key = (frame.f_code.co_filename, frame.f_lineno)
+        key = (filename, frame.f_lineno)
         index = self._line_index.get(key)
         if index is None:
             index = self._line_index[key] = len(self.lines)
-            self.lines.append(f"{key[0]}:{key[1]}")
+            self.lines.append(f"{filename}:{key[1]}")
         return index
 
     # -- after the run ---------------------------------------------------------

@@ -197,6 +197,7 @@ class LanguageModel(NNsight):
             return
         model = self._load(self.repo_id)
         _rebind(self._envoy, model, skip=self._generator)
+        self._envoy._hooks.remove()  # any hooks sit on the unloaded modules
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "dispatched", True)
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from .envoy import Envoy
+from .envoy import Envoy, _expose, _unexpose
 from .tracer import Tracer
 
 
@@ -17,6 +17,8 @@ class NNsight:
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_envoy", Envoy(model, rename=rename))
         object.__setattr__(self, "_edits", [])  # graphs every trace starts with (model.edit())
+        for name, child in self._envoy._children.items():
+            _expose(self, name, child)
 
     # -- tracing -------------------------------------------------------------------
 
@@ -54,6 +56,12 @@ class NNsight:
         """Drops the edits made with ``model.edit(...)``."""
         object.__setattr__(self, "_edits", [])
 
+    def remove_hooks(self):
+        """Removes the hooks fastinterleave keeps installed on the model between traces
+        (idle ones: they change nothing; the next trace installs those it needs). They
+        also go when the wrapper is garbage collected."""
+        self._envoy._hooks.remove()
+
     def _shallow_copy(self):
         copy = object.__new__(type(self))
         copy.__dict__.update(self.__dict__)
@@ -64,11 +72,17 @@ class NNsight:
 
     def _prepare_input(self, *inputs, **kwargs):
         """``(inputs, kwargs), batch_size``: the rows of the first tensor argument."""
-        first = next(
-            (x for x in (*inputs, *kwargs.values()) if isinstance(x, torch.Tensor)),
-            None,
-        )
-        batch_size = len(first) if first is not None and first.dim() > 0 else 1
+        first = None
+        for value in inputs:
+            if isinstance(value, torch.Tensor):
+                first = value
+                break
+        else:
+            for value in kwargs.values():
+                if isinstance(value, torch.Tensor):
+                    first = value
+                    break
+        batch_size = first.shape[0] if first is not None and first.dim() > 0 else 1
         return (inputs, kwargs), batch_size
 
     def _batch(self, batched_inputs, *args, **kwargs):
@@ -97,8 +111,13 @@ class NNsight:
     def __setattr__(self, name, value):
         if name == "_edits":
             object.__setattr__(self, name, value)
-        else:
-            setattr(self._envoy, name, value)
+            return
+        setattr(self._envoy, name, value)
+        child = self._envoy._children.get(name)
+        if child is not None:
+            _expose(self, name, child)
+        elif name in self.__dict__:
+            _unexpose(self, name)
 
     def __getitem__(self, index):
         return self._envoy[index]

@@ -1,8 +1,9 @@
 """Tracer and Invoker: record interventions, then run them with the model."""
 
-import ctypes
 import sys
 import weakref
+
+import torch
 
 from . import _C, patching
 from .config import CONFIG
@@ -10,7 +11,7 @@ from .errors import annotate
 from .graph import CALL, COND, ENDCOND, FIRST_ARG, OPEN, OUTPUT, RUNNING, SITE, STOP, SWAP, Graph, _keep_foreign, resolve
 from .proxy import Proxy
 
-_CO_OPTIMIZED = 0x0001
+Tensor = torch.Tensor
 
 # Python builtins the engine runs natively (TorchScript's operators of the same meaning).
 _BUILTIN_OPS = {len: "len", abs: "abs", int: "Int", float: "Float", bool: "Bool"}
@@ -242,16 +243,9 @@ class Tracer:
         try:
             plan = self._plan = _C.compile(graph.nodes, graph.sites, layout, start, saved, graph.lines, graph)
             run = _C.Run(plan, graph.fns, CONFIG.engine.python_fallback)
-            handles = []
+            detached = None
             try:
-                for i, (path, kind) in enumerate(plan.sites):
-                    module = model._module_at(path)
-                    if kind == OUTPUT:
-                        handles.append(module.register_forward_hook(run.output_hook(i), prepend=True))
-                    else:
-                        handles.append(
-                            module.register_forward_pre_hook(run.input_hook(i), prepend=True, with_kwargs=True)
-                        )
+                detached = model._envoy._hooks.attach(run, plan.sites, model._module_at)
                 try:
                     run.begin()
                     self.output = model._execute(*args, **kwargs)
@@ -263,9 +257,9 @@ class Tracer:
                     if run.has_value(node):
                         values[node] = run.value(node)
             finally:
-                for handle in handles:
-                    handle.remove()
-                run.release()
+                run.release()  # detaches the hooks: idle until the next run
+                if detached is not None:
+                    detached()
         except BaseException as e:
             graph.finish(values)
             raise annotate(e, graph)
@@ -348,27 +342,22 @@ class EditTracer(Tracer):
 
 
 def _has_proxy(obj):
-    if isinstance(obj, Proxy):
-        return True
-    if type(obj) in (tuple, list):
-        return any(_has_proxy(x) for x in obj)
-    if type(obj) is dict:
-        return any(_has_proxy(x) for x in obj.values())
-    return False
+    """Whether a proxy is in `obj` (inside tuples, lists and dict values)."""
+    kind = type(obj)
+    if kind is tuple or kind is list:
+        for x in obj:
+            if type(x) is not Tensor and _has_proxy(x):
+                return True
+        return False
+    if kind is dict:
+        for x in obj.values():
+            if type(x) is not Tensor and _has_proxy(x):
+                return True
+        return False
+    return isinstance(obj, Proxy)
 
 
 def _inject(frame, graph):
     """Replaces the frame's top-level locals that hold saved proxies of `graph` by their values."""
-    if frame is None:
-        return
-    local_vars = frame.f_locals
-    changed = False
-    for name, value in list(local_vars.items()):
-        if type(value) is Proxy and value._graph is graph and value._node in graph.values:
-            local_vars[name] = graph.values[value._node]
-            changed = True
-    if changed and sys.version_info < (3, 13) and frame.f_code.co_flags & _CO_OPTIMIZED:
-        # Before PEP 667, writes to a function frame's f_locals need copying back.
-        ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
-
-
+    if frame is not None and graph.values:
+        _C.inject(frame, graph, graph.values)

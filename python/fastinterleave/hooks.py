@@ -1,0 +1,97 @@
+"""The engine's module hooks on a wrapped model, kept installed between traces.
+
+A trace needs a forward (or forward-pre) hook on each module it reads or edits.
+Registering and removing them for every trace costs more than a small model's
+forward, so the hooks of the last trace's sites stay installed: idle (they
+return at once and change nothing) until the next run attaches to them. A trace
+with other sites removes the hooks it does not need. They all go when the
+wrapper is garbage collected, or with ``model.remove_hooks()``.
+"""
+
+import weakref
+
+from . import _C
+from .graph import OUTPUT
+
+
+class ModelHooks:
+    """The installed hooks of one wrapped model: ``(path, kind) -> (module, SiteHook, handle)``."""
+
+    __slots__ = ("_installed", "_sites", "_hooks", "_busy", "_finalizer", "__weakref__")
+
+    def __init__(self, owner):
+        self._installed = {}
+        self._sites = None  # the sites of the last run, in plan order
+        self._hooks = []  # their hooks, in the same order
+        self._busy = False  # a run is attached
+        # Removed with the wrapper (`owner` is shared by its edit copies).
+        self._finalizer = weakref.finalize(owner, _remove_all, self._installed)
+
+    def attach(self, run, sites, module_at):
+        """Attaches `run` to hooks on `sites` ([(path, kind)] in plan order), installing
+        missing ones and removing those of other sites. Returns what to call once the
+        run is released."""
+        if self._busy:
+            # The model is already running a trace (called again from inside one, or
+            # from another thread): this run gets hooks of its own, removed after it.
+            return _temporary(run, sites, module_at)
+        if sites != self._sites:
+            self._install(sites, module_at)
+        run.attach(self._hooks)
+        self._busy = True
+        return self._detached
+
+    def _detached(self):
+        self._busy = False
+
+    def _install(self, sites, module_at):
+        installed = self._installed
+        self._sites = None  # until done: a failure below leaves nothing half-known
+        wanted = set(sites)
+        for key in [k for k in installed if k not in wanted]:
+            installed.pop(key)[2].remove()
+        for path, kind in sites:
+            module = module_at(path)
+            entry = installed.get((path, kind))
+            if entry is not None:
+                if entry[0] is module:
+                    continue
+                entry[2].remove()  # the module at this path was replaced
+            installed[(path, kind)] = (module, *_register(module, kind))
+        self._hooks = [installed[key][1] for key in sites]
+        self._sites = list(sites)
+
+    def remove(self):
+        """Removes every hook (the next trace installs those it needs)."""
+        _remove_all(self._installed)
+        self._sites = None
+        self._hooks = []
+
+    def __len__(self):
+        return len(self._installed)
+
+
+def _register(module, kind):
+    hook = _C.SiteHook(kind == OUTPUT)
+    if kind == OUTPUT:
+        handle = module.register_forward_hook(hook, prepend=True)
+    else:
+        handle = module.register_forward_pre_hook(hook, prepend=True, with_kwargs=True)
+    return hook, handle
+
+
+def _temporary(run, sites, module_at):
+    pairs = [_register(module_at(path), kind) for path, kind in sites]
+    run.attach([hook for hook, _ in pairs])
+
+    def remove():
+        for _, handle in pairs:
+            handle.remove()
+
+    return remove
+
+
+def _remove_all(installed):
+    for _, _, handle in installed.values():
+        handle.remove()
+    installed.clear()

@@ -1,0 +1,162 @@
+"""The engine's module hooks stay installed between traces, idle: no registration
+churn when a trace's sites repeat, nothing changed while no trace runs, gone with
+the wrapper."""
+
+import gc
+import threading
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import fastinterleave as nnsight
+from conftest import assert_hooks_idle, assert_no_hooks, make_tiny
+
+
+@pytest.fixture
+def net():
+    return make_tiny()
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(1)
+    return torch.rand(2, 5)
+
+
+def engine_hooks(net):
+    """{module name: [hook objects]} of fastinterleave's hooks on `net`."""
+    out = {}
+    for name, m in net.named_modules():
+        hooks = [h for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()) if isinstance(h, nnsight._C.SiteHook)]
+        if hooks:
+            out[name] = hooks
+    return out
+
+
+def test_hooks_of_a_repeated_trace_are_registered_once(net, x):
+    model = nnsight.NNsight(net)
+    with model.trace(x):
+        model.layer1.output[:, 0] = 0
+        model.layer2.input.save()
+    first = engine_hooks(net)
+    assert set(first) == {"layer1", "layer2"}
+    for _ in range(3):
+        with model.trace(x):
+            model.layer1.output[:, 0] = 0
+            out = model.layer2.input.save()
+        assert engine_hooks(net) == first  # the same hook objects: nothing registered again
+    expected = net.layer1(x).clone()
+    expected[:, 0] = 0
+    assert_close(out, expected)
+    assert_hooks_idle(net)
+
+
+def test_idle_hooks_change_nothing(net, x):
+    plain = net(x)
+    model = nnsight.NNsight(net)
+    with model.trace(x):
+        model.layer1.output[:] = 0
+        model.layer2.output.save()
+    assert engine_hooks(net)
+    assert_close(net(x), plain)  # outside a trace the edit is not applied
+    # A hand-written hook registered afterwards still sees the plain value.
+    seen = []
+    handle = net.layer1.register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
+    try:
+        net(x)
+    finally:
+        handle.remove()
+    assert_close(seen[0], net.layer1(x))
+
+
+def test_a_trace_with_other_sites_removes_hooks_it_does_not_need(net, x):
+    model = nnsight.NNsight(net)
+    with model.trace(x):
+        model.layer1.output.save()
+    assert set(engine_hooks(net)) == {"layer1"}
+    with model.trace(x):
+        out = model.layer2.output.save()
+    assert set(engine_hooks(net)) == {"layer2"}
+    assert_close(out, net(x))
+    with model.trace(x):
+        pass
+    assert engine_hooks(net) == {}
+
+
+def test_hooks_go_with_the_wrapper_and_with_remove_hooks(net, x):
+    model = nnsight.NNsight(net)
+    with model.trace(x):
+        model.layer1.output.save()
+    assert engine_hooks(net)
+    model.remove_hooks()
+    assert_no_hooks(net)
+    with model.trace(x):  # reinstalled when needed
+        out = model.layer1.output.save()
+    assert_close(out, net.layer1(x))
+    assert engine_hooks(net)
+    del model
+    gc.collect()
+    assert_no_hooks(net)
+
+
+def test_an_edit_copy_shares_the_hooks_and_both_stay_right(net, x):
+    model = nnsight.NNsight(net)
+    with model.edit() as edited:
+        model.layer1.output[:] = 0
+    with edited.trace(x):
+        a = edited.layer2.output.save()
+    with model.trace(x):
+        b = model.layer2.output.save()
+    assert_close(a, net.layer2(torch.zeros(2, 10)))
+    assert_close(b, net(x))
+    assert_hooks_idle(net)
+
+
+def test_replacing_a_module_moves_its_hook(net, x):
+    model = nnsight.NNsight(net)
+    with model.trace(x):
+        model.layer2.output.save()
+    old = net.layer2
+    model.layer2 = torch.nn.Linear(10, 2)
+    with model.trace(x):
+        out = model.layer2.output.save()
+    assert_close(out, net(x))
+    assert not old._forward_hooks  # the replaced module is left clean
+    assert set(engine_hooks(net)) == {"layer2"}
+
+
+def test_a_trace_started_while_the_model_runs_a_trace_gets_hooks_of_its_own(net, x):
+    """An intervention that itself traces the same model (nested run): the inner
+    run cannot borrow the outer run's hooks; it gets temporary ones."""
+    model = nnsight.NNsight(net)
+    with model.trace(x):
+        model.layer1.output.save()  # hooks on layer1 stay installed
+    inner = {}
+
+    def nested(h):
+        with model.trace(h.new_ones(1, 5)):
+            inner["l1"] = model.layer1.output.save()
+        return h
+
+    with model.trace(x):
+        h = model.layer1.output
+        nnsight.apply(nested, h)
+        outer = model.layer1.output.save()
+    assert_close(inner["l1"].value, net.layer1(torch.ones(1, 5)))
+    assert_close(outer, net.layer1(x))
+    assert set(engine_hooks(net)) == {"layer1"}  # the temporary ones are gone
+    assert_hooks_idle(net)
+
+
+def test_plain_forwards_on_another_thread_during_idle_time_are_untouched(net, x):
+    model = nnsight.NNsight(net)
+    with model.trace(x):
+        model.layer1.output[:] = 0
+    outs = []
+    t = threading.Thread(target=lambda: outs.append(net(x)))
+    t.start()
+    t.join()
+    assert_close(outs[0], net(x))
+    with torch.no_grad():
+        assert_close(outs[0], net.layer2(net.layer1(x)))
