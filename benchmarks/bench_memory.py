@@ -96,8 +96,11 @@ def run(quick=False, python=None):
     here = os.path.dirname(os.path.abspath(__file__))
     res = {"seq": seq, "dim": dim, "invokes": N, "activation_mib": N * seq * dim * 4 / 2**20, "approaches": {}}
     # One fresh process per approach; they run side by side (RSS is per process).
+    # glibc's mmap threshold fixed: by default it grows after large frees, and the
+    # peak then jitters by 8 MB steps with when blocks go back to the OS.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     procs = {a: subprocess.Popen([python or sys.executable, os.path.join(here, "bench_memory.py"), "--one", a, str(seq), str(dim)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=here)
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=here, env=env)
              for a in approaches}
     for a, p in procs.items():
         stdout, stderr = p.communicate()

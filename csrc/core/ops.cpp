@@ -412,6 +412,108 @@ bool tensor_indices(const Arg& index, std::vector<at::indexing::TensorIndex>& ou
   return tensor_index(index, out);
 }
 
+// One element of a basic index (Python semantics): an int, a slice with int or
+// None bounds and a positive step, None or Ellipsis. False for anything else.
+struct BasicIndex {
+  enum class Kind : uint8_t { Int, Slice, None, Ellipsis } kind = Kind::Int;
+  int64_t i = 0;  // Int: the index; Slice: the step
+  std::optional<int64_t> start, stop;
+};
+
+bool basic_index(const IValue& v, BasicIndex& out) {
+  out = BasicIndex{};
+  if (v.isNone()) {
+    out.kind = BasicIndex::Kind::None;
+    return true;
+  }
+  if (v.isInt()) {  // a bool is not an int here: x[True] is a mask
+    out.kind = BasicIndex::Kind::Int;
+    out.i = v.toInt();
+    return true;
+  }
+  return false;
+}
+
+bool basic_index(const Arg& a, BasicIndex& out) {
+  out = BasicIndex{};
+  auto bound = [](const Arg& b, std::optional<int64_t>& dst) {
+    if (b.kind != Arg::Kind::Const) return false;
+    if (b.value.isNone()) return true;
+    if (!b.value.isInt()) return false;
+    dst = b.value.toInt();
+    return true;
+  };
+  switch (a.kind) {
+    case Arg::Kind::Ellipsis:
+      out.kind = BasicIndex::Kind::Ellipsis;
+      return true;
+    case Arg::Kind::Slice: {
+      out.kind = BasicIndex::Kind::Slice;
+      std::optional<int64_t> step;
+      if (!bound(a.items[0], out.start) || !bound(a.items[1], out.stop) || !bound(a.items[2], step)) return false;
+      out.i = step.value_or(1);
+      return out.i > 0;
+    }
+    case Arg::Kind::Const:
+      return basic_index(a.value, out);
+    default:
+      return false;
+  }
+}
+
+// `t[index]` for a basic index, built as views (select / slice / unsqueeze) the
+// way Python applies it; nullopt when the index is not basic or does not fit `t`
+// (the general path then indexes, and raises the usual errors).
+std::optional<at::Tensor> basic_view(const at::Tensor& t, const Arg& index) {
+  c10::SmallVector<BasicIndex, 4> parts;
+  BasicIndex b;
+  if (index.kind == Arg::Kind::Tuple) {
+    for (const auto& x : index.items) {
+      if (!basic_index(x, b)) return std::nullopt;
+      parts.push_back(b);
+    }
+  } else if (index.kind == Arg::Kind::Const && index.value.isTuple()) {
+    for (const auto& x : index.value.toTupleRef().elements()) {
+      if (!basic_index(x, b)) return std::nullopt;
+      parts.push_back(b);
+    }
+  } else {
+    if (!basic_index(index, b)) return std::nullopt;
+    parts.push_back(b);
+  }
+  int64_t consumed = 0;
+  int ellipses = 0;
+  for (const auto& p : parts) {
+    if (p.kind == BasicIndex::Kind::Int || p.kind == BasicIndex::Kind::Slice) ++consumed;
+    if (p.kind == BasicIndex::Kind::Ellipsis) ++ellipses;
+  }
+  if (consumed > t.dim() || ellipses > 1) return std::nullopt;
+  at::Tensor r = t;
+  int64_t dim = 0;
+  for (const auto& p : parts) {
+    switch (p.kind) {
+      case BasicIndex::Kind::Int: {
+        const int64_t size = r.size(dim);
+        if (p.i < -size || p.i >= size) return std::nullopt;
+        r = r.select(dim, p.i);
+        break;
+      }
+      case BasicIndex::Kind::Slice:
+        r = r.slice(dim, p.start, p.stop, p.i);
+        ++dim;
+        break;
+      case BasicIndex::Kind::None:
+        r = r.unsqueeze(dim);
+        ++dim;
+        break;
+      case BasicIndex::Kind::Ellipsis:
+        dim += t.dim() - consumed;
+        break;
+    }
+  }
+  return r;
+}
+
 int64_t wrap_index(int64_t i, size_t n) {
   const auto size = static_cast<int64_t>(n);
   if (i < -size || i >= size) {
@@ -449,6 +551,7 @@ std::vector<int64_t> slice_positions(const Arg& s, size_t n) {
 
 std::optional<IValue> get_item(const IValue& value, const Arg& index) {
   if (value.isTensor()) {
+    if (auto view = basic_view(value.toTensor(), index)) return IValue(std::move(*view));
     std::vector<at::indexing::TensorIndex> idx;
     if (!tensor_indices(index, idx)) return std::nullopt;
     return IValue(value.toTensor().index(idx));
@@ -493,6 +596,23 @@ std::optional<IValue> get_item(const IValue& value, const Arg& index) {
 
 bool set_item(const IValue& value, const Arg& index, const IValue& item) {
   if (value.isTensor()) {
+    const bool scalar = item.isInt() || item.isDouble() || item.isBool();
+    if (scalar || item.isTensor()) {
+      // A basic index: write into the view, as Python's indexing does (a scalar
+      // fills it; a tensor, less leading size-1 dims, is broadcast and copied).
+      if (auto view = basic_view(value.toTensor(), index)) {
+        if (scalar) {
+          view->fill_(item.toScalar());
+        } else if (item.toTensor().dim() == 0) {
+          view->fill_(item.toTensor());
+        } else {
+          at::Tensor src = item.toTensor();
+          while (src.dim() > view->dim() && src.size(0) == 1) src = src.squeeze(0);
+          view->copy_(src);
+        }
+        return true;
+      }
+    }
     std::vector<at::indexing::TensorIndex> idx;
     if (!tensor_indices(index, idx)) return false;
     at::Tensor t = value.toTensor();
