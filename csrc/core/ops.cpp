@@ -499,7 +499,10 @@ std::optional<at::Tensor> basic_view(const at::Tensor& t, const Arg& index) {
         break;
       }
       case BasicIndex::Kind::Slice:
-        r = r.slice(dim, p.start, p.stop, p.i);
+        // A full slice (`:`) is the tensor itself, as in Python's indexing: no view.
+        if (p.start.value_or(0) != 0 || (p.stop && *p.stop < r.size(dim)) || p.i != 1) {
+          r = r.slice(dim, p.start, p.stop, p.i);
+        }
         ++dim;
         break;
       case BasicIndex::Kind::None:

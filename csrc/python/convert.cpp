@@ -159,10 +159,22 @@ void set_proxy_type(py::handle type) {
 PyObject* proxy_type_object() { return g_proxy_type; }
 
 Arg to_arg(py::handle obj, py::handle graph) {
+  // Interned once: attribute lookups by C string would build a str each time.
+  static PyObject* const s_graph = PyUnicode_InternFromString("_graph");
+  static PyObject* const s_node = PyUnicode_InternFromString("_node");
+  static PyObject* const s_value = PyUnicode_InternFromString("value");
   PyObject* p = obj.ptr();
   if (g_proxy_type && PyObject_TypeCheck(p, reinterpret_cast<PyTypeObject*>(g_proxy_type))) {
-    if (obj.attr("_graph").ptr() == graph.ptr()) return Arg::make_ref(obj.attr("_node").cast<int32_t>());
-    return Arg::make_const(result_to_ivalue(obj.attr("value")));  // the same object: appends land
+    auto owner = py::reinterpret_steal<py::object>(PyObject_GetAttr(p, s_graph));
+    if (!owner) throw py::error_already_set();
+    if (owner.ptr() == graph.ptr()) {
+      auto node = py::reinterpret_steal<py::object>(PyObject_GetAttr(p, s_node));
+      if (!node) throw py::error_already_set();
+      return Arg::make_ref(node.cast<int32_t>());
+    }
+    auto value = py::reinterpret_steal<py::object>(PyObject_GetAttr(p, s_value));
+    if (!value) throw py::error_already_set();
+    return Arg::make_const(result_to_ivalue(value));  // the same object: appends land
   }
   if (PySlice_Check(p)) {
     auto* s = reinterpret_cast<PySliceObject*>(p);
@@ -176,6 +188,7 @@ Arg to_arg(py::handle obj, py::handle graph) {
   if (PyTuple_CheckExact(p) || PyList_CheckExact(p)) {
     Arg a;
     a.kind = PyTuple_CheckExact(p) ? Arg::Kind::Tuple : Arg::Kind::List;
+    a.items.reserve(static_cast<size_t>(Py_SIZE(p)));
     for (py::handle x : obj) a.items.push_back(to_arg(x, graph));
     return a;
   }

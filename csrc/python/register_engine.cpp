@@ -322,6 +322,16 @@ void register_engine(py::module_& m) {
       .def("has_value", [](PyRun& r, int32_t node) { return r.run().has_value(node); })
       .def("done", [](PyRun& r, int32_t node) { return r.run().done(node); })
       .def("value", &PyRun::value)
+      .def("values",
+           [](PyRun& r, py::list nodes) {
+             // {node: value} for the given nodes that have one (the saved values, at the end).
+             py::dict out;
+             for (py::handle h : nodes) {
+               auto node = h.cast<int32_t>();
+               if (r.run().has_value(node)) out[h] = r.value(node);
+             }
+             return out;
+           })
       .def("calls", [](PyRun& r, int32_t site) { return r.run().calls(site); });
 
   m.def("save_tensors", [](const std::string& path, py::list items) {

@@ -125,11 +125,7 @@ def _site_structures(tracer, sites):
     """{(path, kind): encoded structure}: runs the model once more, without
     interventions, with plain hooks noting what each site's value looks like."""
     model = tracer._model
-    batched = None
-    for inv in tracer._invokers:
-        args, kwargs = inv.inputs
-        batched = model._batch(batched, *args, **kwargs)
-    args, kwargs = batched
+    args, kwargs = model._batch_invokes([inv.inputs for inv in tracer._invokers])
     if tracer._model_kwargs:
         kwargs = {**kwargs, **tracer._model_kwargs}
 

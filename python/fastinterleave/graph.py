@@ -62,13 +62,14 @@ class Graph:
             return self._eager(op, name, args, kwargs, fn)
         if OPEN and OPEN[-1]._graph is not self:
             return OPEN[-1]._graph.add(op, name, args, kwargs, site, iteration, projection, fn)
-        py_fn = self.fn_id(fn) if fn is not None else -1
+        py_fn = -1 if fn is None else self.fn_id(fn)
         if self.shared:
             _keep_foreign(self, args)
             if kwargs:
                 _keep_foreign(self, kwargs)
-        index = len(self.nodes)
-        self.nodes.append((op, name, args, kwargs, site, iteration, self.invoker, projection, py_fn, self._line()))
+        nodes = self.nodes
+        index = len(nodes)
+        nodes.append((op, name, args, kwargs, site, iteration, self.invoker, projection, py_fn, self._line()))
         if self.fake is not None and op != SITE:
             from .scan import fake_eval
 

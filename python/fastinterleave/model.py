@@ -99,6 +99,17 @@ class NNsight:
     def _execute(self, *args, **kwargs):
         return self._model(*args, **kwargs)
 
+    def _batch_invokes(self, inputs):
+        """The batched ``(args, kwargs)`` of every invoke's prepared ``(args, kwargs)``:
+        ``_batch`` folded over them, or, with the default ``_batch``, one concatenation
+        per argument (folding it is O(N^2) in the number of invokes)."""
+        if type(self)._batch is NNsight._batch:
+            return inputs[0] if len(inputs) == 1 else batch_all(inputs)
+        batched = None
+        for args, kwargs in inputs:
+            batched = self._batch(batched, *args, **kwargs)
+        return batched
+
     def _module_at(self, path):
         """The module whose hooks serve the envoy at `path` ("" is the root)."""
         return self._model.get_submodule(path)

@@ -44,18 +44,19 @@ class Invoker:
         return self._tracer()
 
     def __enter__(self):
-        tracer = self.tracer
+        tracer = self._tracer()
         if tracer._invoker is not None:
             raise _C.InterventionError(
                 "an invoke is already open: close it (leave its `with` block) before opening another"
             )
-        if tracer._graph.state != 0:
+        graph = tracer._graph
+        if graph.state != 0:
             raise _C.InterventionError("this trace has already run")
         inputs, kwargs = self._raw
-        self._deferred = _has_proxy(self._raw)
+        self._deferred = _has_proxy(inputs) or (bool(kwargs) and _has_proxy(kwargs))
         if self._deferred:
             # Inputs computed by an earlier step of a session: prepared when they exist.
-            _keep_foreign(tracer._graph, self._raw)
+            _keep_foreign(graph, self._raw)
             self.inputs = self._raw
         else:
             self.inputs, self.batch_size = tracer._model._prepare_input(*inputs, **kwargs)
@@ -64,17 +65,19 @@ class Invoker:
 
                 fakes, mode = scan_model(tracer._model, *self.inputs)
                 tracer._fakes[len(tracer._invokers)] = fakes
-                tracer._graph.fake_mode = mode
+                graph.fake_mode = mode
         self.index = len(tracer._invokers)
         tracer._invokers.append(self)
         tracer._invoker = self
-        tracer._graph.invoker = self.index
-        tracer._cache.clear()
-        tracer._iterations.clear()
+        graph.invoker = self.index
+        if tracer._cache:
+            tracer._cache.clear()
+        if tracer._iterations:
+            tracer._iterations.clear()
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self.tracer._invoker = None
+        self._tracer()._invoker = None
         return False
 
 
@@ -167,20 +170,25 @@ class Tracer:
     def _site(self, path, kind, projection, calls=None):
         """The proxy of a module's value at `calls` (default: the envoy's current iteration)."""
         if calls is None:
-            calls = self._iterations.get(path, 0)
+            calls = self._iterations.get(path, 0) if self._iterations else 0
         key = (path, kind, projection, tuple(calls) if type(calls) is list else calls)
         proxy = self._cache.get(key)
         if proxy is None:
             graph = self._graph
             proxy = graph.add(SITE, "", (), None, graph.site(path, kind), calls, projection)
             self._cache[key] = proxy
-            fakes = self._fakes.get(graph.invoker)
-            if fakes is not None and type(calls) is int:
-                per_call = fakes.get((path, kind), [])
-                if calls < len(per_call):
-                    value = per_call[calls]
-                    graph.fake[proxy._node] = value[0][0] if projection == FIRST_ARG else value
+            if self._fakes:
+                self._fake_site(graph, proxy, path, kind, projection, calls)
         return proxy
+
+    def _fake_site(self, graph, proxy, path, kind, projection, calls):
+        """scan=True: the site's fake value (recorded by the scan of the invoke's inputs)."""
+        fakes = self._fakes.get(graph.invoker)
+        if fakes is not None and type(calls) is int:
+            per_call = fakes.get((path, kind), [])
+            if calls < len(per_call):
+                value = per_call[calls]
+                graph.fake[proxy._node] = value[0][0] if projection == FIRST_ARG else value
 
     def _swap(self, path, kind, projection, value, calls=None):
         target = self._site(path, kind, projection, calls)
@@ -223,17 +231,7 @@ class Tracer:
                 inv.inputs, inv.batch_size = model._prepare_input(*inputs, **kw)
             layout.append((start, inv.batch_size))
             start += inv.batch_size
-        from .model import NNsight, batch_all
-
-        if len(self._invokers) > 1 and type(model)._batch is NNsight._batch:
-            # The default batching, done once (folding _batch over N invokes is O(N^2)).
-            args, kwargs = batch_all([inv.inputs for inv in self._invokers])
-        else:
-            batched = None
-            for inv in self._invokers:
-                args, kwargs = inv.inputs
-                batched = model._batch(batched, *args, **kwargs)
-            args, kwargs = batched
+        args, kwargs = model._batch_invokes([inv.inputs for inv in self._invokers])
         if self._model_kwargs:
             kwargs = {**kwargs, **self._model_kwargs}
 
@@ -253,9 +251,7 @@ class Tracer:
                     run.end_stopped()
                 else:
                     run.end()
-                for node in saved:
-                    if run.has_value(node):
-                        values[node] = run.value(node)
+                values = run.values(saved)
             finally:
                 run.release()  # detaches the hooks: idle until the next run
                 if detached is not None:
