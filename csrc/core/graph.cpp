@@ -91,7 +91,7 @@ void validate_arg(const Arg& a, size_t node, int depth) {
 void Graph::validate() const {
   if (batch_size < 0) throw std::invalid_argument("malformed graph: negative batch size");
   for (const auto& inv : invokers) {
-    if (inv.start < 0 || inv.size < 0 || inv.start + inv.size > batch_size) {
+    if (inv.start < 0 || inv.size < 0 || inv.start > batch_size || inv.size > batch_size - inv.start) {
       throw std::invalid_argument("malformed graph: an invoker's rows lie outside the batch");
     }
   }

@@ -1,5 +1,6 @@
 // Engine unit tests: graphs built by hand, compiled and run on tensors, every
 // value checked against ATen computing the same thing directly. No Python.
+#include <limits>
 #include <fastinterleave/compiler.h>
 #include <fastinterleave/scheduler.h>
 #include <fastinterleave/serialize.h>
@@ -229,6 +230,20 @@ void test_batch_slices() {
   expect_close(h, before, "the module's tensor is not written in place by a swap");
 }
 
+void test_invoker_ranges_are_checked_without_overflow() {
+  // start + size would wrap around past INT64_MAX: still outside the batch.
+  auto g = two_sites();
+  g->batch_size = 4;
+  g->invokers = {InvokerSlice{2, std::numeric_limits<int64_t>::max()}};
+  expect(throws<std::invalid_argument>([&] { g->validate(); }), "a huge invoker size is refused");
+  g->invokers = {InvokerSlice{std::numeric_limits<int64_t>::max(), 1}};
+  expect(throws<std::invalid_argument>([&] { g->validate(); }), "a huge invoker start is refused");
+  g->invokers = {InvokerSlice{1, 3}};
+  expect(!throws<std::invalid_argument>([&] { g->validate(); }), "rows 1..3 of 4 are accepted");
+  g->invokers = {InvokerSlice{4, 0}};
+  expect(!throws<std::invalid_argument>([&] { g->validate(); }), "an empty slice at the end is accepted");
+}
+
 void test_serialize_roundtrip_and_hostile_files() {
   auto g = two_sites();
   g->lines = {"model.py:3"};
@@ -282,6 +297,7 @@ int main() {
   test_out_of_order_and_ineffective_edit();
   test_never_fired();
   test_batch_slices();
+  test_invoker_ranges_are_checked_without_overflow();
   test_serialize_roundtrip_and_hostile_files();
   if (failures) {
     std::cerr << failures << " check(s) failed\n";
