@@ -10,6 +10,7 @@ import sys
 import textwrap
 import weakref
 
+import pytest
 import torch
 
 import fastinterleave as nnsight
@@ -108,3 +109,39 @@ def test_repeated_traces_leave_nothing_behind():
     assert alive == 0
     assert isinstance(kept, torch.Tensor)
     assert_hooks_idle(net)
+
+
+def test_the_collector_is_paused_only_while_a_trace_runs():
+    """Cyclic garbage collection pauses during a trace and resumes as it was after it,
+    errors and edits included; a collector the user disabled stays disabled."""
+    net = make_tiny()
+    model = nnsight.NNsight(net)
+    x = torch.rand(2, 5)
+    assert gc.isenabled()
+    seen = []
+    with model.trace(x):
+        seen.append(gc.isenabled())
+        model.layer1.output.save()
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(ValueError):
+        with model.trace(x):
+            raise ValueError("user error while recording")
+    assert gc.isenabled()
+    with pytest.raises(IndexError):
+        with model.trace(x):
+            model.layer1.output[:, 99] = 0  # fails while the model runs
+    assert gc.isenabled()
+    with pytest.raises(nnsight.InterventionError):
+        with model.trace():  # no inputs: fails before the model runs
+            pass
+    assert gc.isenabled()
+    with model.edit() as edited:
+        model.layer1.output[:] = 0
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with edited.trace(x):
+            edited.layer2.output.save()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -1,5 +1,6 @@
 """Tracer and Invoker: record interventions, then run them with the model."""
 
+import gc
 import sys
 import weakref
 
@@ -129,12 +130,14 @@ class Tracer:
         object.__setattr__(root, "_tracer", self)
         _OPEN.append(self)
         patching.patch()
+        _pause_gc()
         self._frame = sys._getframe(1)
         if self._implicit is not None:
             try:
                 self._implicit.__enter__()
             except BaseException:
                 self._close()
+                _resume_gc()
                 raise
         return self
 
@@ -145,6 +148,12 @@ class Tracer:
             patching.unpatch()
 
     def __exit__(self, exc_type, exc, tb):
+        try:
+            return self._exit(exc_type)
+        finally:
+            _resume_gc()
+
+    def _exit(self, exc_type):
         if self._implicit is not None:
             self._implicit.__exit__(None, None, None)
         self._close()
@@ -328,13 +337,41 @@ class EditTracer(Tracer):
         return self._target
 
     def __exit__(self, exc_type, exc, tb):
-        if self._implicit is not None:
-            self._implicit.__exit__(None, None, None)
-        self._close()
-        self._frame = None
-        if exc_type is None:
-            self._target._edits = [*self._target._edits, self._graph]
-        return False
+        try:
+            if self._implicit is not None:
+                self._implicit.__exit__(None, None, None)
+            self._close()
+            self._frame = None
+            if exc_type is None:
+                self._target._edits = [*self._target._edits, self._graph]
+            return False
+        finally:
+            _resume_gc()
+
+
+# Python's cyclic garbage collector is paused while a trace is recorded and run
+# (nested traces and sessions count): a trace allocates many small containers
+# (nodes, proxies, argument tuples) that live until it ends, and young-generation
+# collections kept scanning them, then promoting them, which brings on full
+# collections of every object of the process (torch and transformers hold
+# hundreds of thousands). Collection resumes, as it was, when the trace exits.
+_gc_paused = 0
+_gc_was_enabled = False
+
+
+def _pause_gc():
+    global _gc_paused, _gc_was_enabled
+    if _gc_paused == 0:
+        _gc_was_enabled = gc.isenabled()
+        gc.disable()
+    _gc_paused += 1
+
+
+def _resume_gc():
+    global _gc_paused
+    _gc_paused -= 1
+    if _gc_paused == 0 and _gc_was_enabled:
+        gc.enable()
 
 
 def _has_proxy(obj):
