@@ -25,6 +25,26 @@ ANCHORS = [("nnsight 0.8.1", ".venv-nnsight08"), ("nnsight 0.4.11", ".venv-nnsig
 US = 1e6
 
 
+# The package's Python files and the extension's names (an editable build and the
+# anchors' wheel differ byte for byte, so the extension itself is not hashed).
+_FINGERPRINT = (
+    "import hashlib, os, fastinterleave as f\n"
+    "d = os.path.dirname(f.__file__); h = hashlib.sha256()\n"
+    "for n in sorted(os.listdir(d)):\n"
+    "    if n.endswith('.py'):\n"
+    "        h.update(n.encode()); h.update(open(os.path.join(d, n), 'rb').read())\n"
+    "for n in sorted(k for k in dir(f._C) if not k.startswith('__')):\n"
+    "    h.update(n.encode()); h.update(' '.join(sorted(dir(getattr(f._C, n)))).encode())\n"
+    "print(h.hexdigest())"
+)
+
+
+def _build_fingerprint(python):
+    """A hash of the fastinterleave package `python` imports."""
+    out = subprocess.run([python, "-c", _FINGERPRINT], capture_output=True, text=True, cwd=HERE)
+    return out.stdout.strip() if out.returncode == 0 else f"error: {out.stderr[-300:]}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few repetitions, small sizes (seconds; CI)")
@@ -47,17 +67,24 @@ def main():
 
     envs = [("main", sys.executable)]
     skipped = []
+    stale = []
     for label, venv in ANCHORS:
         py = os.path.join(ROOT, venv, "bin", "python")
         if args.no_anchors:
             skipped.append(f"{label}: skipped (--no-anchors)")
         elif not os.path.exists(py):
             skipped.append(f"{label}: skipped ({venv} not found: run `bash benchmarks/setup_anchors.sh`)")
+        elif _build_fingerprint(py) != _build_fingerprint(sys.executable):
+            # The anchors install fastinterleave from a wheel: after a change it is stale.
+            failed_early = f"{label}: its fastinterleave differs from this one: run `bash benchmarks/setup_anchors.sh --wheel-only`"
+            skipped.append(failed_early)
+            print(failed_early, file=sys.stderr)
+            stale.append(label)
         else:
             envs.append((label, py))
 
     data = {}
-    failed = []
+    failed = [f"{label}: stale fastinterleave build" for label in stale]
     for label, py in envs:
         path = os.path.join(raw_dir, _slug(label) + ".json")
         if os.path.exists(path):
