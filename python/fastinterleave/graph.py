@@ -147,17 +147,7 @@ class Graph:
             self.lines.append(line)
 
         def rebind(obj):
-            if isinstance(obj, Proxy):
-                return Proxy(self, obj._node + offset) if obj._graph is other else obj
-            if type(obj) is tuple:
-                return tuple(rebind(x) for x in obj)
-            if type(obj) is list:
-                return [rebind(x) for x in obj]
-            if type(obj) is dict:
-                return {k: rebind(v) for k, v in obj.items()}
-            if type(obj) is slice:
-                return slice(rebind(obj.start), rebind(obj.stop), rebind(obj.step))
-            return obj
+            return map_proxies(obj, lambda p: Proxy(self, p._node + offset) if p._graph is other else p)
 
         for op, name, args, kwargs, site, calls, _, projection, py_fn, line in other.nodes:
             self.nodes.append((
@@ -195,36 +185,43 @@ class Graph:
         raise _C.InterventionError("this trace has already run: module inputs and outputs can only be read or set inside it")
 
 
+def map_proxies(obj, fn):
+    """`obj` with every proxy in it (inside tuples, lists, dict values and slices)
+    replaced by ``fn(proxy)``; the containers are rebuilt, everything else kept."""
+    if isinstance(obj, Proxy):
+        return fn(obj)
+    kind = type(obj)
+    if kind is tuple:
+        return tuple(map_proxies(x, fn) for x in obj)
+    if kind is list:
+        return [map_proxies(x, fn) for x in obj]
+    if kind is dict:
+        return {k: map_proxies(v, fn) for k, v in obj.items()}
+    if kind is slice:
+        return slice(map_proxies(obj.start, fn), map_proxies(obj.stop, fn), map_proxies(obj.step, fn))
+    return obj
+
+
 def _keep_foreign(graph, obj):
     """Marks proxies of other (still recording) graphs as saved: in a session a
     later trace reads them without .save()."""
-    if isinstance(obj, Proxy):
-        other = obj._graph
+
+    def keep(proxy):
+        other = proxy._graph
         if other is not graph and other.state == RECORDING:
-            other.saved.append(obj._node)
-    elif type(obj) in (tuple, list):
-        for x in obj:
-            _keep_foreign(graph, x)
-    elif type(obj) is dict:
-        for x in obj.values():
-            _keep_foreign(graph, x)
-    elif type(obj) is slice:
-        _keep_foreign(graph, (obj.start, obj.stop, obj.step))
+            other.saved.append(proxy._node)
+        return proxy
+
+    map_proxies(obj, keep)
 
 
 def resolve(obj):
     """Replaces proxies (of finished traces) by their values, inside containers too."""
-    if isinstance(obj, Proxy):
-        return obj.value
-    if type(obj) is tuple:
-        return tuple(resolve(x) for x in obj)
-    if type(obj) is list:
-        return [resolve(x) for x in obj]
-    if type(obj) is dict:
-        return {k: resolve(v) for k, v in obj.items()}
-    if type(obj) is slice:
-        return slice(resolve(obj.start), resolve(obj.stop), resolve(obj.step))
-    return obj
+    return map_proxies(obj, _value_of)
+
+
+def _value_of(proxy):
+    return proxy.value
 
 
 from .proxy import Proxy  # noqa: E402  (proxy.py needs the op codes above)

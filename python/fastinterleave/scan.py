@@ -51,25 +51,18 @@ def scan_model(model, args, kwargs):
 
 def fake_eval(graph, op, name, args, kwargs, fn, validate):
     """The fake value of a node from its arguments' fake values (None if unknown)."""
-    from .graph import CALL, GETATTR, GETITEM, SETITEM, Proxy
+    from .graph import CALL, GETATTR, GETITEM, SETITEM, map_proxies
 
     missing = []
 
+    def fake_of(proxy):
+        if proxy._graph is graph and proxy._node in graph.fake:
+            return graph.fake[proxy._node]
+        missing.append(proxy)
+        return None
+
     def fake(obj):
-        if isinstance(obj, Proxy):
-            if obj._graph is graph and obj._node in graph.fake:
-                return graph.fake[obj._node]
-            missing.append(obj)
-            return None
-        if type(obj) is tuple:
-            return tuple(fake(x) for x in obj)
-        if type(obj) is list:
-            return [fake(x) for x in obj]
-        if type(obj) is dict:
-            return {k: fake(v) for k, v in obj.items()}
-        if type(obj) is slice:
-            return slice(fake(obj.start), fake(obj.stop), fake(obj.step))
-        return obj
+        return map_proxies(obj, fake_of)
 
     fargs = fake(args)
     fkwargs = fake(kwargs) if kwargs else {}
