@@ -319,9 +319,7 @@ void register_engine(py::module_& m) {
            })
       .def("attach", &attach)
       .def("detach", &detach)
-      .def("has_value", [](PyRun& r, int32_t node) { return r.run().has_value(node); })
       .def("done", [](PyRun& r, int32_t node) { return r.run().done(node); })
-      .def("value", &PyRun::value)
       .def("values",
            [](PyRun& r, py::list nodes) {
              // {node: value} for the given nodes that have one (the saved values, at the end).

@@ -67,9 +67,6 @@ class ModelHooks:
         self._sites = None
         self._hooks = []
 
-    def __len__(self):
-        return len(self._installed)
-
 
 def _register(module, kind):
     hook = _C.SiteHook(kind == OUTPUT)

@@ -133,7 +133,7 @@ def _run_segment(graph):
             except _C.EarlyStop:
                 raise _Break() from None
             finally:
-                graph.values = {n: run.value(n) for n in saved if run.has_value(n)}
+                graph.values = run.values(saved)
             run.end()
         finally:
             run.release()
