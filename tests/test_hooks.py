@@ -10,18 +10,12 @@ import torch
 from torch.testing import assert_close
 
 import fastinterleave as nnsight
-from conftest import assert_hooks_idle, assert_no_hooks, make_tiny
+from conftest import assert_hooks_idle, assert_no_hooks
 
 
 @pytest.fixture
-def net():
-    return make_tiny()
-
-
-@pytest.fixture
-def x():
-    torch.manual_seed(1)
-    return torch.rand(2, 5)
+def net(tiny):
+    return tiny  # conftest's tiny model; `x` is conftest's input on the same device
 
 
 def engine_hooks(net):
@@ -108,7 +102,7 @@ def test_an_edit_copy_shares_the_hooks_and_both_stay_right(net, x):
         a = edited.layer2.output.save()
     with model.trace(x):
         b = model.layer2.output.save()
-    assert_close(a, net.layer2(torch.zeros(2, 10)))
+    assert_close(a, net.layer2(x.new_zeros(x.shape[0], 10)))
     assert_close(b, net(x))
     assert_hooks_idle(net)
 
@@ -118,7 +112,7 @@ def test_replacing_a_module_moves_its_hook(net, x):
     with model.trace(x):
         model.layer2.output.save()
     old = net.layer2
-    model.layer2 = torch.nn.Linear(10, 2)
+    model.layer2 = torch.nn.Linear(10, 2).to(x.device)
     with model.trace(x):
         out = model.layer2.output.save()
     assert_close(out, net(x))
@@ -143,7 +137,7 @@ def test_a_trace_started_while_the_model_runs_a_trace_gets_hooks_of_its_own(net,
         h = model.layer1.output
         nnsight.apply(nested, h)
         outer = model.layer1.output.save()
-    assert_close(inner["l1"].value, net.layer1(torch.ones(1, 5)))
+    assert_close(inner["l1"].value, net.layer1(x.new_ones(1, 5)))
     assert_close(outer, net.layer1(x))
     assert set(engine_hooks(net)) == {"layer1"}  # the temporary ones are gone
     assert_hooks_idle(net)
