@@ -2,7 +2,11 @@
 // (indexing, index assignment, attributes) that Python spells with syntax.
 #include <fastinterleave/ops.h>
 
+#include <ATen/ExpandUtils.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/TensorIndexing.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/core/jit_type.h>
 #include <torch/csrc/jit/runtime/operator.h>
 #include <torch/library.h>
@@ -464,23 +468,31 @@ bool basic_index(const Arg& a, BasicIndex& out) {
 // `t[index]` for a basic index, built as views (select / slice / unsqueeze) the
 // way Python applies it; nullopt when the index is not basic or does not fit `t`
 // (the general path then indexes, and raises the usual errors).
-std::optional<at::Tensor> basic_view(const at::Tensor& t, const Arg& index) {
-  c10::SmallVector<BasicIndex, 4> parts;
+using BasicParts = c10::SmallVector<BasicIndex, 4>;
+
+// The elements of an index (a tuple or one element); false when one is not basic.
+bool basic_parts(const Arg& index, BasicParts& parts) {
   BasicIndex b;
   if (index.kind == Arg::Kind::Tuple) {
     for (const auto& x : index.items) {
-      if (!basic_index(x, b)) return std::nullopt;
+      if (!basic_index(x, b)) return false;
       parts.push_back(b);
     }
   } else if (index.kind == Arg::Kind::Const && index.value.isTuple()) {
     for (const auto& x : index.value.toTupleRef().elements()) {
-      if (!basic_index(x, b)) return std::nullopt;
+      if (!basic_index(x, b)) return false;
       parts.push_back(b);
     }
   } else {
-    if (!basic_index(index, b)) return std::nullopt;
+    if (!basic_index(index, b)) return false;
     parts.push_back(b);
   }
+  return true;
+}
+
+std::optional<at::Tensor> basic_view(const at::Tensor& t, const Arg& index) {
+  BasicParts parts;
+  if (!basic_parts(index, parts)) return std::nullopt;
   int64_t consumed = 0;
   int ellipses = 0;
   for (const auto& p : parts) {
@@ -597,22 +609,153 @@ std::optional<IValue> get_item(const IValue& value, const Arg& index) {
   return std::nullopt;
 }
 
+namespace {
+
+bool is_number(const IValue& v) { return v.isInt() || v.isDouble() || v.isBool(); }
+
+// `view[...] = item` for a number or a tensor, as Python's indexing does: a number
+// fills the view; a tensor, less leading size-1 dims, is broadcast and copied.
+void write_view(const at::Tensor& view, const IValue& item) {
+  if (is_number(item)) {
+    view.fill_(item.toScalar());
+  } else if (item.toTensor().dim() == 0) {
+    view.fill_(item.toTensor());
+  } else {
+    view.copy_(strip_leading_ones(item.toTensor(), view.dim()));
+  }
+}
+
+bool same_number(const IValue& a, const IValue& b) {
+  if (a.isInt() && b.isInt()) return a.toInt() == b.toInt();
+  if (a.isDouble() && b.isDouble()) return a.toDouble() == b.toDouble();
+  if (a.isBool() && b.isBool()) return a.toBool() == b.toBool();
+  return false;
+}
+
+bool full_slice(const BasicIndex& p, int64_t n) {
+  return p.kind == BasicIndex::Kind::Slice && p.i == 1 && p.start.value_or(0) == 0 && (!p.stop || *p.stop >= n);
+}
+
+}  // namespace
+
+at::Tensor strip_leading_ones(const at::Tensor& t, int64_t dim) {
+  at::Tensor src = t;
+  while (src.dim() > dim && src.size(0) == 1) src = src.squeeze(0);
+  return src;
+}
+
+std::optional<RowWrite> row_write(const at::Tensor& t, int64_t start, int64_t size, const Arg& index,
+                                  const IValue& item) {
+  if (!is_number(item) && !item.isTensor()) return std::nullopt;
+  // Writes that raise (into a leaf that requires grad, into overlapping memory)
+  // go through set_item, which raises the usual error.
+  if ((t.is_leaf() && t.requires_grad()) || at::has_internal_overlap(t) != at::MemOverlap::No) return std::nullopt;
+  BasicParts parts;
+  if (!basic_parts(index, parts) || parts.empty()) return std::nullopt;
+  RowWrite w;
+  const BasicIndex& first = parts[0];
+  if (first.kind == BasicIndex::Kind::Int) {
+    if (first.i < -size || first.i >= size) return std::nullopt;
+    w.row = start + (first.i < 0 ? first.i + size : first.i);
+    w.rows = 1;
+    w.row_dim = false;
+  } else if (full_slice(first, size)) {
+    w.row = start;
+    w.rows = size;
+  } else {
+    return std::nullopt;
+  }
+  size_t k = 1;
+  for (; k < parts.size() && parts[k].kind == BasicIndex::Kind::Int; ++k) {
+    const auto d = static_cast<int64_t>(k);
+    if (d >= t.dim()) return std::nullopt;
+    const int64_t n = t.size(d), i = parts[k].i;
+    if (i < -n || i >= n) return std::nullopt;
+    w.coords.push_back(i < 0 ? i + n : i);
+  }
+  for (; k < parts.size(); ++k) {
+    const auto d = static_cast<int64_t>(k);
+    if (parts[k].kind == BasicIndex::Kind::Ellipsis && k + 1 == parts.size()) break;
+    if (d >= t.dim() || !full_slice(parts[k], t.size(d))) return std::nullopt;
+  }
+  if (item.isTensor()) {
+    const at::Tensor& src = item.toTensor();
+    if (src.is_alias_of(t)) return std::nullopt;  // it would read rows an earlier write changed
+    c10::SmallVector<int64_t, 6> view;
+    if (w.row_dim) view.push_back(size);
+    const auto rest = t.sizes().slice(1 + w.coords.size());
+    view.append(rest.begin(), rest.end());
+    auto sizes = src.sizes();
+    while (sizes.size() > view.size() && sizes[0] == 1) sizes = sizes.slice(1);
+    if (!at::is_expandable_to(sizes, view)) return std::nullopt;
+  }
+  w.item = item;
+  return w;
+}
+
+void write_rows(const at::Tensor& t, const std::vector<RowWrite>& writes) {
+  if (writes.empty()) return;
+  if (writes.size() == 1) {
+    const RowWrite& w = writes[0];
+    at::Tensor view = w.row_dim ? t.narrow(0, w.row, w.rows) : t.select(0, w.row);
+    const int64_t d = w.row_dim ? 1 : 0;
+    for (int64_t c : w.coords) view = view.select(d, c);
+    write_view(view, w.item);
+    return;
+  }
+  const size_t k = writes[0].coords.size();
+  int64_t m = 0;
+  for (const auto& w : writes) m += w.rows;
+  // Index tensors: one entry per written row, its row and its position in dims 1..k.
+  at::Tensor index = at::empty({static_cast<int64_t>(k) + 1, m}, at::TensorOptions().dtype(at::kLong));
+  int64_t* p = index.data_ptr<int64_t>();
+  for (const auto& w : writes) {
+    for (int64_t r = 0; r < w.rows; ++r) {
+      p[r] = w.row + r;
+      for (size_t c = 0; c < k; ++c) p[static_cast<int64_t>(c + 1) * m + r] = w.coords[c];
+    }
+    p += w.rows;
+  }
+  if (!t.device().is_cpu()) index = index.to(t.device());
+  c10::List<std::optional<at::Tensor>> indices;
+  for (size_t c = 0; c <= k; ++c) indices.push_back(index.select(0, static_cast<int64_t>(c)));
+
+  const auto options = at::TensorOptions().dtype(t.scalar_type()).device(t.device());
+  bool one_number = is_number(writes[0].item);
+  for (size_t i = 1; one_number && i < writes.size(); ++i) one_number = same_number(writes[i].item, writes[0].item);
+  at::Tensor values;
+  if (one_number) {
+    values = at::scalar_tensor(writes[0].item.toScalar(), options);
+  } else {
+    // Each write's value broadcast to (its rows, the dims after the coords).
+    const auto rest = t.sizes().slice(1 + k);
+    std::vector<at::Tensor> pieces;
+    pieces.reserve(writes.size());
+    for (const auto& w : writes) {
+      c10::SmallVector<int64_t, 6> shape{w.rows};
+      shape.append(rest.begin(), rest.end());
+      at::Tensor piece;
+      if (is_number(w.item)) {
+        piece = at::scalar_tensor(w.item.toScalar(), options).expand(shape);
+      } else {
+        const auto view = w.row_dim ? at::IntArrayRef(shape) : rest;
+        piece = strip_leading_ones(w.item.toTensor(), static_cast<int64_t>(view.size())).expand(view);
+        if (!w.row_dim) piece = piece.unsqueeze(0);
+        if (piece.scalar_type() != t.scalar_type() || piece.device() != t.device()) piece = piece.to(options);
+      }
+      pieces.push_back(std::move(piece));
+    }
+    values = at::cat(pieces, 0);
+  }
+  t.index_put_(indices, values);
+}
+
 bool set_item(const IValue& value, const Arg& index, const IValue& item) {
   if (value.isTensor()) {
-    const bool scalar = item.isInt() || item.isDouble() || item.isBool();
-    if (scalar || item.isTensor()) {
-      // A basic index: write into the view, as Python's indexing does (a scalar
-      // fills it; a tensor, less leading size-1 dims, is broadcast and copied).
+    if (is_number(item) || item.isTensor()) {
+      // A basic index: write into the view, as Python's indexing does.
       if (auto view = basic_view(value.toTensor(), index)) {
-        if (scalar) {
-          view->fill_(item.toScalar());
-        } else if (item.toTensor().dim() == 0) {
-          view->fill_(item.toTensor());
-        } else {
-          at::Tensor src = item.toTensor();
-          while (src.dim() > view->dim() && src.size(0) == 1) src = src.squeeze(0);
-          view->copy_(src);
-        }
+        write_view(*view, item);
         return true;
       }
     }

@@ -144,7 +144,10 @@ int32_t Run::next_undone(int32_t i) {
   return r;
 }
 
-void Run::begin() { execute_from(0); }
+void Run::begin() {
+  execute_from(0);
+  flush_writes();
+}
 
 void Run::check_site(int32_t site) const {
   if (site < 0 || static_cast<size_t>(site) >= calls_.size()) {
@@ -162,6 +165,9 @@ void Run::execute_from(int32_t first) {
   for (int32_t j = next_undone(first); j < n; j = next_undone(j + 1)) {
     const Op op = nodes[static_cast<size_t>(j)].op;
     if (op == Op::Site) return;
+    // Deferred writes land before anything else runs (GetItem flushes them
+    // unless it only picks an element of a container).
+    if (op != Op::SetItem && op != Op::GetItem) flush_writes();
     // The node that started this walk (backward() running gradient readers)
     // is not finished: nothing after it runs before it ends.
     if (in_progress_[static_cast<size_t>(j)]) return;
@@ -337,15 +343,19 @@ void Run::execute(int32_t node) {
               }
             }
           }
+          flush_writes();
           Arg tgt = resolve(target);
           if (auto v = get_item(tgt.value, resolve(index))) out.value = std::move(*v);
           else out.value = run_fallback(node);
           break;
         }
         case Op::SetItem: {
-          Arg tgt = resolve(nd.args[0]);
+          const Arg index = resolve(nd.args[1]);
           auto item = to_ivalue(resolve(nd.args[2]));
-          if (!(item && set_item(tgt.value, resolve(nd.args[1]), *item))) run_fallback(node);
+          if (item && defer_write(node, index, *item)) break;
+          flush_writes();
+          Arg tgt = resolve(nd.args[0]);
+          if (!(item && set_item(tgt.value, index, *item))) run_fallback(node);
           break;
         }
         case Op::GetAttr: {
@@ -391,6 +401,50 @@ void Run::execute(int32_t node) {
   if (plan_->use_count[i] > 0 || plan_->keep[i]) slots_[i] = std::move(out);
   if (recording_body_ >= 0) bodies_[recording_body_].push_back(node);
   consume(node);
+}
+
+bool Run::defer_write(int32_t node, const Arg& index, const IValue& item) {
+  const Arg& target = graph_.nodes[static_cast<size_t>(node)].args[0];
+  if (target.kind != Arg::Kind::Ref) return false;
+  const Slot& src = slots_[static_cast<size_t>(target.ref)];
+  // Only an invoke's rows not narrowed yet: the batch tensor itself is at hand.
+  if (!src.lazy() || !src.value.isTensor()) return false;
+  const at::Tensor& batch = src.value.toTensor();
+  if (batch.dim() == 0 || batch.size(0) != batch_size_) return false;
+  auto w = row_write(batch, src.start, src.size, index, item);
+  if (!w) return false;
+  PendingWrites& p = writes_;
+  if (!p.writes.empty()) {
+    bool joins = p.batch.unsafeGetTensorImpl() == batch.unsafeGetTensorImpl() &&
+                 p.writes[0].coords.size() == w->coords.size();
+    if (joins && w->row < p.end_row) {  // rows out of order: they must not overlap any pending
+      for (const auto& o : p.writes) {
+        if (w->row < o.row + o.rows && o.row < w->row + w->rows) {
+          joins = false;
+          break;
+        }
+      }
+    }
+    if (!joins) flush_writes();
+  }
+  if (p.writes.empty()) p.batch = batch;
+  p.end_row = std::max(p.end_row, w->row + w->rows);
+  p.writes.push_back(std::move(*w));
+  p.nodes.push_back(node);
+  return true;
+}
+
+void Run::flush_writes() {
+  if (writes_.writes.empty()) return;
+  PendingWrites p = std::move(writes_);
+  writes_.clear();
+  try {
+    write_rows(p.batch, p.writes);
+  } catch (...) {
+    const int32_t first = p.nodes.front();
+    auto cause = std::current_exception();
+    throw NodeError(NodeError::Kind::Failed, first, -1, error_text(cause) + "\n  in: " + graph_.describe(first), cause);
+  }
 }
 
 void Run::consume(int32_t node) {
@@ -516,12 +570,14 @@ at::Tensor Run::on_grad(int32_t node, const at::Tensor& grad, int64_t start, int
     size_t i;
     int32_t outer;
     ~Restore() {
+      run.writes_.clear();  // left only by an error
       --run.grad_depth_;
       run.window_open_[i] = 0;
       run.firing_node_ = outer;
     }
   } restore{*this, i, outer_firing};
   execute_from(node + 1);
+  flush_writes();
   // Swaps of this gradient (`proxy.grad = g`) replace what flows on.
   at::Tensor result;
   for (auto it = pending_swaps_.begin(); it != pending_swaps_.end();) {
@@ -599,6 +655,7 @@ bool Run::fire(int32_t site, IValue& value) {
       run.recording_body_ = -1;
       run.defer_frees_ = 0;
       run.pending_swaps_.clear();
+      run.writes_.clear();  // left only by an error
     }
   } restore{*this, matching};
 
@@ -635,12 +692,15 @@ bool Run::fire(int32_t site, IValue& value) {
     execute_from(node + 1);
     recording_body_ = -1;
     defer_frees_ = 0;
+    // The next invoke's writes into this site join the pending ones; a swap reads the value.
+    if (!pending_swaps_.empty()) flush_writes();
     for (const auto& [target, repl] : pending_swaps_) {
       current = apply_swap(current, target, repl);
       changed = true;
     }
     pending_swaps_.clear();
   }
+  flush_writes();
   if (changed) value = std::move(current);
   return changed;
 }
@@ -683,6 +743,7 @@ void Run::release() {
   remove_grad_hooks();
   slots_.assign(slots_.size(), Slot{});
   pending_swaps_.clear();
+  writes_.clear();
   finished_ = true;
 }
 

@@ -80,6 +80,28 @@ std::optional<c10::IValue> get_item(const c10::IValue& value, const Arg& index);
 // value[index] = item, in place, for tensors and lists. false when unsupported.
 bool set_item(const c10::IValue& value, const Arg& index, const c10::IValue& item);
 
+// A write `value[index] = item` into rows [start, start + size) of a batch tensor
+// (an invoke's rows), in a form that writes of other invokes into the same tensor
+// join (write_rows): the index takes all the rows (`:`) or one (an int), then one
+// position in each of the next dims (ints), then all of the rest (`:`, or a
+// trailing `...`); the item is a number or a tensor that broadcasts to the view.
+struct RowWrite {
+  int64_t row = 0, rows = 0;            // rows [row, row + rows) of the batch tensor
+  bool row_dim = true;                  // the view keeps the row dim (the index began with `:`)
+  c10::SmallVector<int64_t, 4> coords;  // positions in dims 1..coords.size()
+  c10::IValue item;
+};
+// std::nullopt when the write has another form, or when it would raise or read
+// what another write changes (set_item then does it, with the usual errors).
+std::optional<RowWrite> row_write(const at::Tensor& batch, int64_t start, int64_t size, const Arg& index,
+                                  const c10::IValue& item);
+// Does the writes (disjoint rows, as many coords each) with one index_put_; one
+// write goes through its view as set_item would.
+void write_rows(const at::Tensor& batch, const std::vector<RowWrite>& writes);
+// `t` less leading size-1 dims while it has more than `dim` (how a tensor
+// assigned through an index broadcasts).
+at::Tensor strip_leading_ones(const at::Tensor& t, int64_t dim);
+
 // Tensor attributes (shape, T, mT, data, dtype, device, ndim, grad, ...) and dict
 // keys. std::nullopt when unsupported.
 std::optional<c10::IValue> get_attr(const c10::IValue& value, const std::string& name);

@@ -118,6 +118,12 @@ class Run {
 
   void execute_from(int32_t first);
   void execute(int32_t node);
+  // Index assignments into an invoke's rows of a batch tensor wait while the
+  // next nodes to run are more such writes into other rows of the same tensor
+  // (the same edit in every invoke, typically); then they run as one write
+  // (write_rows). Anything else that runs, or the hook returning, flushes them.
+  bool defer_write(int32_t node, const Arg& index, const c10::IValue& item);
+  void flush_writes();
   void consume(int32_t node);
   c10::IValue materialize(Slot& slot);
   c10::IValue ref_value(int32_t node);
@@ -149,6 +155,13 @@ class Run {
   std::vector<int32_t> calls_;         // per plan site
   std::vector<size_t> cursor_;         // per plan site: next request to look at
   std::vector<std::pair<int32_t, c10::IValue>> pending_swaps_;
+  struct PendingWrites {
+    at::Tensor batch;
+    std::vector<RowWrite> writes;
+    std::vector<int32_t> nodes;
+    int64_t end_row = 0;  // the end of the rows written so far
+    void clear() { *this = PendingWrites{}; }
+  } writes_;
   // Repeating sites (.all(), .iter[...]): the nodes run after each binding,
   // reset and run again at the next call they read.
   std::unordered_map<int32_t, std::vector<int32_t>> bodies_;
