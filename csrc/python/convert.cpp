@@ -2,6 +2,8 @@
 
 #include <fastinterleave/ops.h>
 
+#include <structmember.h>
+
 #include <torch/csrc/Device.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/DynamicTypes.h>
@@ -23,6 +25,20 @@ PyObjectHolder::~PyObjectHolder() {
 namespace {
 
 PyObject* g_proxy_type = nullptr;
+// Where a Proxy keeps its `_graph` and `_node` slots (their member descriptors'
+// offsets): read directly, without an attribute lookup per argument.
+Py_ssize_t g_graph_offset = -1, g_node_offset = -1;
+
+Py_ssize_t slot_offset(py::handle type, const char* name) {
+  PyObject* d = PyDict_GetItemString(reinterpret_cast<PyTypeObject*>(type.ptr())->tp_dict, name);
+  if (d == nullptr || Py_TYPE(d) != &PyMemberDescr_Type) return -1;
+  const PyMemberDef* m = reinterpret_cast<PyMemberDescrObject*>(d)->d_member;
+  return m->type == T_OBJECT_EX ? m->offset : -1;
+}
+
+PyObject* slot(PyObject* obj, Py_ssize_t offset) {
+  return *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(obj) + offset);
+}
 
 IValue opaque(py::handle obj) {
   return IValue::make_capsule(c10::make_intrusive<PyObjectHolder>(py::reinterpret_borrow<py::object>(obj)));
@@ -154,6 +170,8 @@ void set_proxy_type(py::handle type) {
   Py_XINCREF(type.ptr());
   Py_XDECREF(g_proxy_type);
   g_proxy_type = type.ptr();
+  g_graph_offset = type ? slot_offset(type, "_graph") : -1;
+  g_node_offset = type ? slot_offset(type, "_node") : -1;
 }
 
 PyObject* proxy_type_object() { return g_proxy_type; }
@@ -165,6 +183,13 @@ Arg to_arg(py::handle obj, py::handle graph) {
   static PyObject* const s_value = PyUnicode_InternFromString("value");
   PyObject* p = obj.ptr();
   if (g_proxy_type && PyObject_TypeCheck(p, reinterpret_cast<PyTypeObject*>(g_proxy_type))) {
+    if (g_graph_offset >= 0 && g_node_offset >= 0) {
+      PyObject* owner = slot(p, g_graph_offset);
+      PyObject* node = slot(p, g_node_offset);
+      if (owner == graph.ptr() && node != nullptr && PyLong_CheckExact(node)) {
+        return Arg::make_ref(static_cast<int32_t>(PyLong_AsLong(node)));
+      }
+    }
     auto owner = py::reinterpret_steal<py::object>(PyObject_GetAttr(p, s_graph));
     if (!owner) throw py::error_already_set();
     if (owner.ptr() == graph.ptr()) {
@@ -178,7 +203,13 @@ Arg to_arg(py::handle obj, py::handle graph) {
   }
   if (PySlice_Check(p)) {
     auto* s = reinterpret_cast<PySliceObject*>(p);
-    return Arg::make_seq(Arg::Kind::Slice, {to_arg(s->start, graph), to_arg(s->stop, graph), to_arg(s->step, graph)});
+    Arg a;
+    a.kind = Arg::Kind::Slice;
+    a.items.reserve(3);
+    a.items.push_back(to_arg(s->start, graph));
+    a.items.push_back(to_arg(s->stop, graph));
+    a.items.push_back(to_arg(s->step, graph));
+    return a;
   }
   if (p == Py_Ellipsis) {
     Arg a;
@@ -187,9 +218,11 @@ Arg to_arg(py::handle obj, py::handle graph) {
   }
   if (PyTuple_CheckExact(p) || PyList_CheckExact(p)) {
     Arg a;
-    a.kind = PyTuple_CheckExact(p) ? Arg::Kind::Tuple : Arg::Kind::List;
-    a.items.reserve(static_cast<size_t>(Py_SIZE(p)));
-    for (py::handle x : obj) a.items.push_back(to_arg(x, graph));
+    const bool tuple = PyTuple_CheckExact(p);
+    a.kind = tuple ? Arg::Kind::Tuple : Arg::Kind::List;
+    const Py_ssize_t n = Py_SIZE(p);
+    a.items.reserve(static_cast<size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) a.items.push_back(to_arg(tuple ? PyTuple_GET_ITEM(p, i) : PyList_GET_ITEM(p, i), graph));
     return a;
   }
   if (PyDict_CheckExact(p) && all_str_keys(obj)) {

@@ -31,24 +31,39 @@ std::shared_ptr<Graph> build_graph(py::list nodes, py::list sites, py::list invo
   }
   for (py::handle l : lines) g->lines.push_back(l.cast<std::string>());
   g->nodes.reserve(py::len(nodes));
+  auto as_int = [](PyObject* v) {
+    const long r = PyLong_AsLong(v);
+    if (r == -1 && PyErr_Occurred()) throw py::error_already_set();
+    return r;
+  };
   for (py::handle item : nodes) {
     PyObject* t = item.ptr();
     if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 10) throw std::invalid_argument("fastinterleave: bad node record");
     Node n;
-    auto op = py::cast<int>(PyTuple_GET_ITEM(t, 0));
-    if (op < 0 || op >= static_cast<int>(Op::kCount)) throw std::invalid_argument("fastinterleave: bad op code");
+    const long op = as_int(PyTuple_GET_ITEM(t, 0));
+    if (op < 0 || op >= static_cast<long>(Op::kCount)) throw std::invalid_argument("fastinterleave: bad op code");
     n.op = static_cast<Op>(op);
-    n.name = py::cast<std::string>(PyTuple_GET_ITEM(t, 1));
-    for (py::handle a : py::handle(PyTuple_GET_ITEM(t, 2))) n.args.push_back(to_arg(a, token));
+    Py_ssize_t name_size = 0;
+    const char* name = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(t, 1), &name_size);
+    if (name == nullptr) throw py::error_already_set();
+    n.name.assign(name, static_cast<size_t>(name_size));
+    PyObject* args = PyTuple_GET_ITEM(t, 2);
+    if (PyTuple_CheckExact(args)) {
+      const Py_ssize_t count = PyTuple_GET_SIZE(args);
+      n.args.reserve(static_cast<size_t>(count));
+      for (Py_ssize_t i = 0; i < count; ++i) n.args.push_back(to_arg(PyTuple_GET_ITEM(args, i), token));
+    } else {
+      for (py::handle a : py::handle(args)) n.args.push_back(to_arg(a, token));
+    }
     py::handle kw = PyTuple_GET_ITEM(t, 3);
     if (!kw.is_none()) {
       for (auto kv : kw.cast<py::dict>()) n.kwargs.emplace_back(kv.first.cast<std::string>(), to_arg(kv.second, token));
     }
-    n.site = py::cast<int32_t>(PyTuple_GET_ITEM(t, 4));
+    n.site = static_cast<int32_t>(as_int(PyTuple_GET_ITEM(t, 4)));
     // Which calls: an int, (start, stop or None) for a range / .all(), or a list.
     py::handle it = PyTuple_GET_ITEM(t, 5);
     if (PyLong_Check(it.ptr())) {
-      n.iteration = it.cast<int32_t>();
+      n.iteration = static_cast<int32_t>(as_int(it.ptr()));
     } else if (PyTuple_Check(it.ptr())) {
       auto range = it.cast<py::tuple>();
       n.iteration = range[0].cast<int32_t>();
@@ -57,10 +72,10 @@ std::shared_ptr<Graph> build_graph(py::list nodes, py::list sites, py::list invo
       n.iter_list = it.cast<std::vector<int32_t>>();
       if (!n.iter_list.empty()) n.iteration = n.iter_list.front();
     }
-    n.invoker = py::cast<int32_t>(PyTuple_GET_ITEM(t, 6));
-    n.projection = static_cast<Projection>(py::cast<int>(PyTuple_GET_ITEM(t, 7)));
-    n.py_fn = py::cast<int32_t>(PyTuple_GET_ITEM(t, 8));
-    n.line = py::cast<int32_t>(PyTuple_GET_ITEM(t, 9));
+    n.invoker = static_cast<int32_t>(as_int(PyTuple_GET_ITEM(t, 6)));
+    n.projection = static_cast<Projection>(as_int(PyTuple_GET_ITEM(t, 7)));
+    n.py_fn = static_cast<int32_t>(as_int(PyTuple_GET_ITEM(t, 8)));
+    n.line = static_cast<int32_t>(as_int(PyTuple_GET_ITEM(t, 9)));
     g->nodes.push_back(std::move(n));
   }
   for (py::handle s : saved) {

@@ -82,8 +82,10 @@ class NNsight:
                 if isinstance(value, torch.Tensor):
                     first = value
                     break
-        batch_size = first.shape[0] if first is not None and first.dim() > 0 else 1
-        return (inputs, kwargs), batch_size
+        if first is None:
+            return (inputs, kwargs), 1
+        shape = first.shape
+        return (inputs, kwargs), shape[0] if shape else 1
 
     def _batch(self, batched_inputs, *args, **kwargs):
         """Adds one invoke's prepared inputs to the batch: tensors concatenate on dim 0."""

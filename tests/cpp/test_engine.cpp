@@ -290,6 +290,51 @@ void test_serialize_roundtrip_and_hostile_files() {
 
 }  // namespace
 
+// Invokes write their rows of one site (writes into disjoint rows join into
+// one; a second write into the same rows waits for the first), and a read of
+// rows written just before comes between: all see what the writes done in
+// recording order give.
+void test_joined_row_writes() {
+  auto g = two_sites();
+  g->batch_size = 5;
+  g->invokers = {InvokerSlice{0, 1}, InvokerSlice{1, 2}, InvokerSlice{3, 1}, InvokerSlice{4, 1}};
+  auto setitem = [](int32_t target, Arg index, Arg item, int32_t invoker) {
+    Node n;
+    n.op = Op::SetItem;
+    n.args = {ref(target), std::move(index), std::move(item)};
+    n.invoker = invoker;
+    return n;
+  };
+  auto col = [](int64_t j) { return Arg::make_seq(Arg::Kind::Tuple, {slice_all(), c(IValue(j))}); };
+  g->nodes.push_back(site(0, 0));                                                     // 0
+  g->nodes.push_back(setitem(0, col(0), c(IValue(-1.0)), 0));                         // 1
+  g->nodes.push_back(site(0, 1));                                                     // 2
+  g->nodes.push_back(setitem(2, col(1), c(IValue(at::tensor({5.0, 6.0}))), 1));             // 3
+  g->nodes.push_back(site(0, 2));                                                     // 4
+  g->nodes.push_back(setitem(4, Arg::make_seq(Arg::Kind::Tuple, {c(IValue(int64_t{0})), c(IValue(int64_t{2}))}),
+                             c(IValue(int64_t{9})), 2));                              // 5: h[0, 2] = 9
+  g->nodes.push_back(setitem(4, col(2), c(IValue(8.0)), 2));                          // 6: same place, later
+  g->nodes.push_back(site(0, 3));                                                     // 7
+  Node sum = call("sum", {ref(4)}, true);                                             // 8: invoke 2's rows
+  sum.invoker = 3;
+  g->nodes.push_back(sum);
+  g->nodes.push_back(setitem(7, col(3), c(IValue(0.5)), 3));                          // 9
+  Run run(compile(g), {});
+  run.begin();
+  at::Tensor h = at::arange(20, at::kFloat).reshape({5, 4});
+  at::Tensor want = h.clone();
+  IValue v(h);
+  run.fire(0, v);
+  run.end();
+  want.narrow(0, 0, 1).select(1, 0).fill_(-1.0);
+  want.narrow(0, 1, 2).select(1, 1).copy_(at::tensor({5.0, 6.0}));
+  want.narrow(0, 3, 1).select(1, 2).fill_(8.0);
+  at::Tensor sum_want = want.narrow(0, 3, 1).sum();
+  want.narrow(0, 4, 1).select(1, 3).fill_(0.5);
+  expect_close(h, want, "joined row writes land as the writes done in order");
+  expect_close(run.value(8).toTensor(), sum_want, "a read between writes sees the writes before it");
+}
+
 int main() {
   test_save_and_op();
   test_inplace_edit_lands();
@@ -297,6 +342,7 @@ int main() {
   test_out_of_order_and_ineffective_edit();
   test_never_fired();
   test_batch_slices();
+  test_joined_row_writes();
   test_invoker_ranges_are_checked_without_overflow();
   test_serialize_roundtrip_and_hostile_files();
   if (failures) {
