@@ -78,6 +78,19 @@ def test_a_trace_with_other_sites_removes_hooks_it_does_not_need(net, x):
     assert engine_hooks(net) == {}
 
 
+def test_an_empty_trace_that_fails_raises_and_leaves_no_hooks(net, x):
+    model = nnsight.NNsight(net)
+    with model.trace(x):
+        model.layer1.output.save()
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        with model.trace(torch.rand(1, 7, device=x.device)):
+            pass
+    assert engine_hooks(net) == {}
+    with model.trace(x):
+        out = model.layer2.output.save()
+    assert_close(out, net(x))
+
+
 def test_hooks_go_with_the_wrapper_and_with_remove_hooks(net, x):
     model = nnsight.NNsight(net)
     with model.trace(x):

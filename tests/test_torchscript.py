@@ -190,6 +190,18 @@ def test_export_names_saved_values_after_the_block(tmp_path):
     assert hidden.shape == (1, 10)
 
 
+def test_an_empty_trace_exports_an_empty_graph(tmp_path):
+    """An empty trace runs the model without a plan; exporting it still works."""
+    net = make_tiny()
+    model = nnsight.NNsight(net)
+    x = torch.rand(1, 5)
+    with model.trace(x) as tracer:
+        pass
+    assert torch.equal(tracer.output, net(x))
+    tracer.export(str(tmp_path / "a.fig"))
+    assert _C.load_plan((tmp_path / "a.fig").read_bytes()).num_nodes == 0
+
+
 def test_export_before_the_block_ran_is_an_error(tmp_path):
     model = nnsight.NNsight(make_tiny())
     with model.trace(torch.rand(1, 5)) as tracer:

@@ -29,6 +29,8 @@ _NONE, _BOOL, _INT, _DOUBLE, _STRING = range(5)
 def export_trace(tracer, path, names, frame):
     """Writes `tracer`'s graph (compiled when its block ran) to `path`."""
     plan = tracer._plan
+    if plan is None and tracer._layout is not None:  # an empty trace ran without a plan
+        plan = tracer._compile(*tracer._layout, [])
     if plan is None:
         raise InterventionError(
             "nothing to export yet: call tracer.export(path) after the trace's `with` block has run"

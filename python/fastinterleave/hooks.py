@@ -61,6 +61,12 @@ class ModelHooks:
         self._hooks = [installed[key][1] for key in sites]
         self._sites = list(sites)
 
+    def drop_idle(self):
+        """For a trace without sites: removes the idle hooks, as a trace with other
+        sites would (none while a run is attached to them)."""
+        if self._installed and not self._busy:
+            self.remove()
+
     def remove(self):
         """Removes every hook (the next trace installs those it needs)."""
         _remove_all(self._installed)

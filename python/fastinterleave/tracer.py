@@ -113,6 +113,7 @@ class Tracer:
         self._model_kwargs = {}
         self.output = None
         self._plan = None  # the compiled plan, once run
+        self._layout = None  # an empty trace's batch layout (its plan is compiled only to export it)
         if inputs:
             # Positional inputs make one implicit invoke; other keywords go to the model call.
             self._implicit = Invoker(self, *inputs)
@@ -244,11 +245,22 @@ class Tracer:
         if self._model_kwargs:
             kwargs = {**kwargs, **self._model_kwargs}
 
+        graph.state = RUNNING
+        if not graph.nodes and not keep_nodes:
+            # Nothing to run beside the model: no plan, no run, no hooks.
+            self._layout = (layout, start)
+            model._envoy._hooks.drop_idle()
+            try:
+                self.output = model._execute(*args, **kwargs)
+            except BaseException as e:
+                graph.finish({})
+                raise annotate(e, graph)
+            graph.finish({})
+            return
         saved = sorted(set(graph.saved))
         values = {}
-        graph.state = RUNNING
         try:
-            plan = self._plan = _C.compile(graph.nodes, graph.sites, layout, start, saved, graph.lines, graph)
+            plan = self._compile(layout, start, saved)
             run = _C.Run(plan, graph.fns, CONFIG.engine.python_fallback)
             detached = None
             try:
@@ -269,6 +281,11 @@ class Tracer:
             graph.finish(values)
             raise annotate(e, graph)
         graph.finish(values, keep_nodes)
+
+    def _compile(self, layout, start, saved):
+        graph = self._graph
+        self._plan = _C.compile(graph.nodes, graph.sites, layout, start, saved, graph.lines, graph)
+        return self._plan
 
     def export(self, path, names=None):
         """Writes the graph that ran to `path`, for a C++ program to run with no Python.
