@@ -32,13 +32,15 @@ class Invoker:
     ``invoker.inputs`` is the prepared ``(args, kwargs)``; ``invoker.batch_size``
     how many rows it adds to the batch."""
 
+    # Defaults read from the class until set (fewer stores per invoke).
+    inputs = None
+    batch_size = None
+    index = None
+    _deferred = False
+
     def __init__(self, tracer, *inputs, **kwargs):
         self._tracer = weakref.ref(tracer)  # the tracer holds its invokers: no cycle
         self._raw = (inputs, kwargs)
-        self.inputs = None
-        self.batch_size = None
-        self.index = None
-        self._deferred = False
 
     @property
     def tracer(self):
@@ -86,34 +88,38 @@ class Tracer:
     """``with model.trace(...) as tracer:`` records interventions; they run with
     one forward pass of all invokes' inputs when the block exits."""
 
+    # Defaults read from the class until set (a trace's fixed cost is mostly such stores).
+    _scan = False
+    _run_model = True
+    _fakes = {}  # scan=True: invoker index -> {(path, kind): fake values per call} (then per trace)
+    _invoker = None
+    _frame = None
+    _implicit = None
+    _model_kwargs = {}  # replaced, never changed in place
+    output = None
+    _plan = None  # the compiled plan, once run
+    _layout = None  # an empty trace's batch layout (its plan is compiled only to export it)
+
     def __init__(self, model, *inputs, scan=False, validate=False, remote=False, backend=None, **kwargs):
-        self._scan = scan or validate
-        self._run_model = True
         if remote or backend is not None:
             raise NotImplementedError(
                 "fastinterleave runs models locally: remote execution (remote=True / backend=...) is not supported"
             )
         self._model = model
-        self._graph = Graph()
+        self._graph = graph = Graph()
         self._session = model._envoy._session
         if self._session is not None:
-            self._graph.shared = True
-        if self._scan:
-            self._graph.fake = {}
-            self._graph.validate = validate
-        self._fakes = {}  # invoker index -> {(path, kind): fake values per call}
+            graph.shared = True
+        if scan or validate:
+            self._scan = True
+            self._fakes = {}
+            graph.fake = {}
+            graph.validate = validate
         for edit in model._edits:
-            self._graph.extend(edit)
+            graph.extend(edit)
         self._invokers = []
-        self._invoker = None
         self._cache = {}
         self._iterations = {}  # envoy path -> calls its sites read (.next(), .all(), .iter[...])
-        self._frame = None
-        self._implicit = None
-        self._model_kwargs = {}
-        self.output = None
-        self._plan = None  # the compiled plan, once run
-        self._layout = None  # an empty trace's batch layout (its plan is compiled only to export it)
         if inputs:
             # Positional inputs make one implicit invoke; other keywords go to the model call.
             self._implicit = Invoker(self, *inputs)
