@@ -1,14 +1,17 @@
 """Instruction counts per trace (valgrind --tool=callgrind): repeatable whatever the load,
 so a regression shows when wall time is noise.
 
-The tiny-MLP cases of workload 1 (and, with --gpt2, gpt2-tiny's empty trace and save 1
-block with the plain forward, so its overhead over plain is counted, not timed). Each
+The tiny-MLP cases of workload 1, workload 2's save / patch with 1 and 33 invokes (the
+cost per extra invoke is their difference / 32), and, with --gpt2, gpt2-tiny's empty trace and save 1
+block with the plain forward, so its overhead over plain is counted, not timed). With --sweep,
+workload 4's one trace x 64 invokes against raw hooks in one batch (one call each: seconds
+under valgrind). Each
 case runs N times between two marker calls: ``os.getppid()`` (callgrind
 ``--zero-before=os_getppid*``) and ``os.getsid(0)`` (``--dump-before=os_getsid*``), so each
 dump holds one case's N calls; instructions per call = total / N, less the empty
 loop's count. The garbage collector is off inside each counted loop (collected between).
 
-Run alone: python benchmarks/bench_callgrind.py [--gpt2] [--json OUT]   (needs valgrind)
+Run alone: python benchmarks/bench_callgrind.py [--gpt2] [--sweep] [--json OUT]   (needs valgrind)
 """
 
 import json
@@ -21,9 +24,11 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 N_TINY = 50
 N_GPT2 = 3
+N_INVOKES = 5
+INVOKES = (1, 33)
 
 
-def inner(order_path, with_gpt2):
+def inner(order_path, with_gpt2, with_sweep=False):
     import torch
 
     from bench_tiny import check_cases, tiny_cases
@@ -42,6 +47,18 @@ def inner(order_path, with_gpt2):
     for case, fns in cases.items():
         for name, fn in fns.items():
             plan.append((f"tiny: {case}", name, fn, N_TINY))
+    from bench_invokes import cases_for as invoke_cases
+
+    torch.manual_seed(2)
+    xs = [torch.rand(1, 5) for _ in range(max(INVOKES))]
+    inv_wrapped = {"fi": wrapped["fi"]}
+    if NNSIGHT is not None:
+        inv_wrapped["nnsight"] = nn_wrap(net, batched=True)
+    for n in INVOKES:
+        for case, fns in invoke_cases(net, xs[:n], inv_wrapped).items():
+            for name, fn in fns.items():
+                if name != "plain":
+                    plan.append((f"invokes: {case} N={n}", name, fn, N_INVOKES))
     if with_gpt2:
         from bench_gpt2 import SEQ, cases_for
         from common import gpt2
@@ -56,8 +73,15 @@ def inner(order_path, with_gpt2):
         for case in ("empty trace", "save 1 block"):
             for name, fn in gc[case].items():
                 plan.append((f"gpt2-tiny: {case}", name, fn, N_GPT2))
-    for _, _, fn, _ in plan:  # warm up
-        for _ in range(5):
+    if with_sweep:
+        from bench_sweep import sweep_inputs, sweep_fns
+
+        net4, corrupt, clean = sweep_inputs()
+        fns = sweep_fns(net4, corrupt, clean, {"fi": fi_wrap(net4)})
+        for name in ("raw", "fi"):
+            plan.append(("gpt2-tiny sweep: 1 trace x 64 invokes", name, fns[f"{name} 1x64"], 1))
+    for _, _, fn, n in plan:  # warm up
+        for _ in range(5 if n > 1 else 1):
             fn()
     import gc
 
@@ -75,7 +99,7 @@ def inner(order_path, with_gpt2):
         json.dump(order, f)
 
 
-def run(python=None, with_gpt2=True, keep=None):
+def run(python=None, with_gpt2=True, keep=None, with_sweep=False):
     """Runs the cases under callgrind with ``python``; {case: {approach: instructions/call}}
     or {"error": why} when valgrind is missing."""
     valgrind = shutil.which("valgrind")
@@ -85,7 +109,7 @@ def run(python=None, with_gpt2=True, keep=None):
     order_path = os.path.join(tmp, "order.json")
     cmd = [valgrind, "--tool=callgrind", "--zero-before=os_getppid*", "--dump-before=os_getsid*",
            f"--callgrind-out-file={tmp}/cg.%p", python or sys.executable,
-           os.path.join(HERE, "bench_callgrind.py"), "--inner", order_path] + (["--gpt2"] if with_gpt2 else [])
+           os.path.join(HERE, "bench_callgrind.py"), "--inner", order_path] + (["--gpt2"] if with_gpt2 else []) + (["--sweep"] if with_sweep else [])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=env)
     if p.returncode != 0 or not os.path.exists(order_path):
@@ -111,16 +135,21 @@ def run(python=None, with_gpt2=True, keep=None):
             loop = per
             continue
         res.setdefault(case, {})[name] = per - (loop or 0)
+    per_invoke = {}
+    lo, hi = INVOKES
+    for case in ("save", "patch"):
+        a, b = res.get(f"invokes: {case} N={lo}", {}), res.get(f"invokes: {case} N={hi}", {})
+        per_invoke[case] = {name: (b[name] - a[name]) / (hi - lo) for name in a if name in b}
     if keep is None:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"instructions": res, "loop": loop}
+    return {"instructions": res, "per_invoke": per_invoke, "loop": loop}
 
 
 if __name__ == "__main__":
     if "--inner" in sys.argv:
-        inner(sys.argv[sys.argv.index("--inner") + 1], "--gpt2" in sys.argv)
+        inner(sys.argv[sys.argv.index("--inner") + 1], "--gpt2" in sys.argv, "--sweep" in sys.argv)
     else:
-        r = run(with_gpt2="--gpt2" in sys.argv)
+        r = run(with_gpt2="--gpt2" in sys.argv, with_sweep="--sweep" in sys.argv)
         if "--json" in sys.argv:
             from common import NNSIGHT_VERSION
 
@@ -129,5 +158,7 @@ if __name__ == "__main__":
                 json.dump(r, f, indent=1)
         for case, d in r.get("instructions", {}).items():
             print(f"  {case}: " + ", ".join(f"{k} {v/1e3:.0f}k" for k, v in d.items()))
+        for case, d in r.get("per_invoke", {}).items():
+            print(f"  per extra invoke, {case}: " + ", ".join(f"{k} {v/1e3:.1f}k" for k, v in d.items()))
         if "error" in r:
             print(r["error"])

@@ -98,12 +98,13 @@ def sweep_fns(net, corrupt, clean, wrapped):
     return fns
 
 
-def run(quick=False):
+def sweep_inputs():
+    """gpt2-tiny, the corrupted prompt, and the clean run's block outputs (computed once,
+    outside the timings)."""
     net = gpt2("gpt2-tiny")
     torch.manual_seed(4)
     clean_ids = torch.randint(0, net.config.vocab_size, (1, SEQ))
     corrupt = torch.randint(0, net.config.vocab_size, (1, SEQ))
-    # The clean run's block outputs (computed once, outside the timings).
     clean = []
     hs = [b.register_forward_hook(lambda m, a, o: clean.append(hidden(o, net.block_tuple).detach().clone()))
           for b in net.transformer.h]
@@ -111,7 +112,11 @@ def run(quick=False):
         net(clean_ids)
     for h in hs:
         h.remove()
+    return net, corrupt, clean
 
+
+def run(quick=False):
+    net, corrupt, clean = sweep_inputs()
     wrapped = {"fi": fi_wrap(net)}
     if NNSIGHT is not None:
         wrapped["nnsight"] = nn_wrap(net, batched=True)

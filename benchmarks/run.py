@@ -114,7 +114,8 @@ def main():
                 os.remove(path)
             print(f"== callgrind: {label}", flush=True)
             procs.append((label, path, subprocess.Popen(
-                [py, os.path.join(HERE, "bench_callgrind.py"), "--gpt2", "--json", path], cwd=HERE,
+                [py, os.path.join(HERE, "bench_callgrind.py"), "--gpt2", "--json", path]
+                + (["--sweep"] if label == "main" else []), cwd=HERE,
                 env=dict(os.environ, OMP_NUM_THREADS="1", FI_BENCH_NO_ANCHOR="1" if label == "main" else "0"))))
         for label, path, p in procs:
             p.wait()
@@ -336,8 +337,14 @@ class Report:
                 return "—"
             return f"{_us(s['nnsight'])} / {_us(p['nnsight'])} (fi {_us(s['fi'])} / {_us(p['fi'])})"
 
+        cg_pi = _get(self.cg, "main", "per_invoke") or {}
+        cs, cp = _get(cg_pi, "save", "fi"), _get(cg_pi, "patch", "fi")
+        cg_txt = ""
+        if cs is not None and cp is not None and plain_i:
+            cg_txt = (f"; callgrind {cs / 1e3:.0f}k / {cp / 1e3:.0f}k instr per extra invoke ≈ "
+                      f"{_us(cs / plain_i * 10e-6)} / {_us(cp / plain_i * 10e-6)} scaled")
         rows.append(("cost per extra invoke, save / patch", "≤ 5 µs / ≤ 8 µs",
-                     f"{_us(fs)} / {_us(fp)} (raw {_us(_get(pi, 'save', 'raw'))} / {_us(_get(pi, 'patch', 'raw'))})",
+                     f"{_us(fs)} / {_us(fp)} (raw {_us(_get(pi, 'save', 'raw'))} / {_us(_get(pi, 'patch', 'raw'))}{cg_txt})",
                      per(a8), per(a4), _ok(None if fs is None else (fs <= 5e-6 and fp <= 8e-6))))
         # 5. sweep
         sw = _get(m, "sweep", "fi 1x64", "ratio")
@@ -346,8 +353,11 @@ class Report:
             r, f = _get(res, "sweep", "nnsight 1x64", "ratio"), _get(res, "sweep", "fi 1x64", "ratio")
             return "—" if r is None else f"{_x(r)} (fi {_x(f)})"
 
+        cg_sw = _get(self.cg, "main", "instructions", "gpt2-tiny sweep: 1 trace x 64 invokes") or {}
+        r_sw = _div(cg_sw.get("fi"), cg_sw.get("raw"))
         rows.append(("gpt2-tiny 64-patch sweep, 1 trace × 64 invokes", "≤ 1.05× raw hooks, one batch",
-                     f"{_x(sw)} raw", swn(a8), swn(a4), _ok(None if sw is None else sw <= 1.05)))
+                     f"{_x(sw)} raw" + ("" if r_sw is None else f" (callgrind {_x(r_sw, 3)} raw)"),
+                     swn(a8), swn(a4), _ok(None if sw is None else sw <= 1.05)))
         # 6. gpt2-small save all
         c = _get(m, "gpt2", "gpt2-small", "cases", "save all blocks")
         r = _div(_get(c, "fi", "median"), _get(c, "plain", "median"))
@@ -582,6 +592,10 @@ class Report:
             for case, d in r.get("instructions", {}).items():
                 k = lambda a: "—" if a not in d else f"{d[a]/1e3:,.0f}k"  # noqa: E731
                 L.append(f"| {lab} | {case} | {k('plain')} | {k('raw')} | {k('fi')} | {k('nnsight')} | "
+                         f"{_x(_div(d.get('fi'), d.get('raw')))} | {_x(_div(d.get('nnsight'), d.get('fi')))} |")
+            for case, d in r.get("per_invoke", {}).items():
+                k = lambda a: "—" if a not in d else f"{d[a]/1e3:,.1f}k"  # noqa: E731
+                L.append(f"| {lab} | per extra invoke: {case} | — | {k('raw')} | {k('fi')} | {k('nnsight')} | "
                          f"{_x(_div(d.get('fi'), d.get('raw')))} | {_x(_div(d.get('nnsight'), d.get('fi')))} |")
         L.append("")
 
