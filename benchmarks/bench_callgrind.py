@@ -3,15 +3,15 @@ so a regression shows when wall time is noise.
 
 The tiny-MLP cases of workload 1, workload 2's save / patch with 1 and 33 invokes (the
 cost per extra invoke is their difference / 32), and, with --gpt2, gpt2-tiny's empty trace and save 1
-block with the plain forward, so its overhead over plain is counted, not timed). With --sweep,
-workload 4's one trace x 64 invokes against raw hooks in one batch (one call each: seconds
-under valgrind). Each
+block with the plain forward, so its overhead over plain is counted, not timed). With --long,
+workload 4's one trace x 64 invokes against raw hooks in one batch, and workload 5's
+generation against HF generate with a raw hook (one call each: seconds under valgrind). Each
 case runs N times between two marker calls: ``os.getppid()`` (callgrind
 ``--zero-before=os_getppid*``) and ``os.getsid(0)`` (``--dump-before=os_getsid*``), so each
 dump holds one case's N calls; instructions per call = total / N, less the empty
 loop's count. The garbage collector is off inside each counted loop (collected between).
 
-Run alone: python benchmarks/bench_callgrind.py [--gpt2] [--sweep] [--json OUT]   (needs valgrind)
+Run alone: python benchmarks/bench_callgrind.py [--gpt2] [--long] [--json OUT]   (needs valgrind)
 """
 
 import json
@@ -28,7 +28,7 @@ N_INVOKES = 5
 INVOKES = (1, 33)
 
 
-def inner(order_path, with_gpt2, with_sweep=False):
+def inner(order_path, with_gpt2, with_long=False):
     import torch
 
     from bench_tiny import check_cases, tiny_cases
@@ -73,13 +73,18 @@ def inner(order_path, with_gpt2, with_sweep=False):
         for case in ("empty trace", "save 1 block"):
             for name, fn in gc[case].items():
                 plan.append((f"gpt2-tiny: {case}", name, fn, N_GPT2))
-    if with_sweep:
-        from bench_sweep import sweep_inputs, sweep_fns
+    if with_long:
+        from bench_generate import generate_fns
+        from bench_sweep import sweep_fns, sweep_inputs
 
         net4, corrupt, clean = sweep_inputs()
         fns = sweep_fns(net4, corrupt, clean, {"fi": fi_wrap(net4)})
         for name in ("raw", "fi"):
             plan.append(("gpt2-tiny sweep: 1 trace x 64 invokes", name, fns[f"{name} 1x64"], 1))
+        fns, _ = generate_fns()
+        for name in ("raw", "fi"):
+            if name in fns:
+                plan.append(("gpt2-tiny generation: 16 tokens, edit every step", name, fns[name], 1))
     for _, _, fn, n in plan:  # warm up
         for _ in range(5 if n > 1 else 1):
             fn()
@@ -99,7 +104,7 @@ def inner(order_path, with_gpt2, with_sweep=False):
         json.dump(order, f)
 
 
-def run(python=None, with_gpt2=True, keep=None, with_sweep=False):
+def run(python=None, with_gpt2=True, keep=None, with_long=False):
     """Runs the cases under callgrind with ``python``; {case: {approach: instructions/call}}
     or {"error": why} when valgrind is missing."""
     valgrind = shutil.which("valgrind")
@@ -109,7 +114,7 @@ def run(python=None, with_gpt2=True, keep=None, with_sweep=False):
     order_path = os.path.join(tmp, "order.json")
     cmd = [valgrind, "--tool=callgrind", "--zero-before=os_getppid*", "--dump-before=os_getsid*",
            f"--callgrind-out-file={tmp}/cg.%p", python or sys.executable,
-           os.path.join(HERE, "bench_callgrind.py"), "--inner", order_path] + (["--gpt2"] if with_gpt2 else []) + (["--sweep"] if with_sweep else [])
+           os.path.join(HERE, "bench_callgrind.py"), "--inner", order_path] + (["--gpt2"] if with_gpt2 else []) + (["--long"] if with_long else [])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=env)
     if p.returncode != 0 or not os.path.exists(order_path):
@@ -147,9 +152,9 @@ def run(python=None, with_gpt2=True, keep=None, with_sweep=False):
 
 if __name__ == "__main__":
     if "--inner" in sys.argv:
-        inner(sys.argv[sys.argv.index("--inner") + 1], "--gpt2" in sys.argv, "--sweep" in sys.argv)
+        inner(sys.argv[sys.argv.index("--inner") + 1], "--gpt2" in sys.argv, "--long" in sys.argv)
     else:
-        r = run(with_gpt2="--gpt2" in sys.argv, with_sweep="--sweep" in sys.argv)
+        r = run(with_gpt2="--gpt2" in sys.argv, with_long="--long" in sys.argv)
         if "--json" in sys.argv:
             from common import NNSIGHT_VERSION
 
