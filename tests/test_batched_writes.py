@@ -15,18 +15,18 @@ def batched(xs):
     return torch.cat(xs)
 
 
-def hand_rows(net, module, xs, edits, kind="output"):
-    """The batched forward with a hook that runs ``edits[i](rows of invoke i)`` in order;
-    returns the final output."""
+def hand_rows(net, module, xs, write, kind="output"):
+    """The batched forward with a plain hook that runs ``write(i, rows of invoke i)``
+    for each invoke in order (the same code the trace records, on tensors); returns
+    the final output."""
     starts, s = [], 0
     for x in xs:
         starts.append(s)
         s += x.shape[0]
 
     def apply(t):
-        for i, edit in enumerate(edits):
-            if edit is not None:
-                edit(t[starts[i]:starts[i] + xs[i].shape[0]])
+        for i, x in enumerate(xs):
+            write(i, t[starts[i]:starts[i] + x.shape[0]])
 
     if kind == "output":
         h = module.register_forward_hook(lambda m, a, o: apply(o))
@@ -66,13 +66,8 @@ def test_same_number_each_invoke(device, sizes):
     def write(i, h):
         h[:, i % 10] = 0
 
-    def edit(i):
-        def f(r):
-            r[:, i % 10] = 0
-        return f
-
     got = traced(net, xs, write)
-    want = hand_rows(net, net.layer1, xs, [edit(i) for i in range(len(xs))])
+    want = hand_rows(net, net.layer1, xs, write)
     assert_close(got, want)
 
 
@@ -101,13 +96,8 @@ def test_numbers_and_tensors(device, sizes):
     def write(i, h):
         h[:, (3 * i) % 10] = values[i]
 
-    def edit(i):
-        def f(r):
-            r[:, (3 * i) % 10] = values[i]
-        return f
-
     got = traced(net, xs, write)
-    want = hand_rows(net, net.layer1, xs, [edit(i) for i in range(len(xs))])
+    want = hand_rows(net, net.layer1, xs, write)
     assert_close(got, want)
 
 
@@ -130,13 +120,8 @@ def test_row_and_position_forms(device):
         if forms[i] is not None:
             forms[i](h, i)
 
-    def edit(i):
-        if forms[i] is None:
-            return None
-        return lambda r: forms[i](r, i)
-
     got = traced(net, xs, write)
-    want = hand_rows(net, net.layer1, xs, [edit(i) for i in range(len(xs))])
+    want = hand_rows(net, net.layer1, xs, write)
     assert_close(got, want)
 
 
@@ -146,13 +131,8 @@ def test_input_site(device):
     def write(i, h):
         h[:, i] = 10.0 + i
 
-    def edit(i):
-        def f(r):
-            r[:, i] = 10.0 + i
-        return f
-
     got = traced(net, xs, write, site="input")
-    want = hand_rows(net, net.layer2, xs, [edit(i) for i in range(len(xs))], kind="pre")
+    want = hand_rows(net, net.layer2, xs, write, kind="pre")
     assert_close(got, want)
 
 
@@ -177,16 +157,14 @@ def test_order_within_an_invoke(device):
 
     want_sums = []
 
-    def edit(i):
-        def f(r):
-            r[:, 0] = 1.0
-            r[:, 1] = 2.0
-            r[:, 0] = 3.0 + i
-            want_sums.append(r.sum(dim=1).clone())
-            r[:, 2] = 100.0
-        return f
+    def write(i, r):
+        r[:, 0] = 1.0
+        r[:, 1] = 2.0
+        r[:, 0] = 3.0 + i
+        want_sums.append(r.sum(dim=1).clone())
+        r[:, 2] = 100.0
 
-    want = hand_rows(net, net.layer1, xs, [edit(i) for i in range(len(xs))])
+    want = hand_rows(net, net.layer1, xs, write)
     assert_close(out, want)
     assert_close(got_sums, want_sums)
 
@@ -229,24 +207,12 @@ def test_gradients(device):
     itself computed in the trace) match the writes done one by one."""
     xs = inputs(device, (1, 2, 1, 1))
 
+    def write(i, h):
+        h[:, i] = (h[:, 9] * 2.0) if i % 2 else 0.5
+
     def run(traced_run):
         net = make_tiny(device)
-        if traced_run:
-            model = nnsight.NNsight(net)
-            outs = []
-            with model.trace() as tracer:
-                for i, x in enumerate(xs):
-                    with tracer.invoke(x):
-                        h = model.layer1.output
-                        h[:, i] = (h[:, 9] * 2.0) if i % 2 else 0.5
-                        outs.append(model.output.save())
-            out = torch.cat([o.value for o in outs])
-        else:
-            def edit(i):
-                def f(r):
-                    r[:, i] = (r[:, 9] * 2.0) if i % 2 else 0.5
-                return f
-            out = hand_rows(net, net.layer1, xs, [edit(i) for i in range(len(xs))])
+        out = traced(net, xs, write) if traced_run else hand_rows(net, net.layer1, xs, write)
         out.pow(2).sum().backward()
         return out.detach(), [p.grad.clone() for p in net.parameters()]
 

@@ -490,6 +490,11 @@ bool basic_parts(const Arg& index, BasicParts& parts) {
   return true;
 }
 
+// Whether `p` is `:` over a dim of size `n` (all of it, in order).
+bool full_slice(const BasicIndex& p, int64_t n) {
+  return p.kind == BasicIndex::Kind::Slice && p.i == 1 && p.start.value_or(0) == 0 && (!p.stop || *p.stop >= n);
+}
+
 std::optional<at::Tensor> basic_view(const at::Tensor& t, const Arg& index) {
   BasicParts parts;
   if (!basic_parts(index, parts)) return std::nullopt;
@@ -512,9 +517,7 @@ std::optional<at::Tensor> basic_view(const at::Tensor& t, const Arg& index) {
       }
       case BasicIndex::Kind::Slice:
         // A full slice (`:`) is the tensor itself, as in Python's indexing: no view.
-        if (p.start.value_or(0) != 0 || (p.stop && *p.stop < r.size(dim)) || p.i != 1) {
-          r = r.slice(dim, p.start, p.stop, p.i);
-        }
+        if (!full_slice(p, r.size(dim))) r = r.slice(dim, p.start, p.stop, p.i);
         ++dim;
         break;
       case BasicIndex::Kind::None:
@@ -632,15 +635,22 @@ bool same_number(const IValue& a, const IValue& b) {
   return false;
 }
 
-bool full_slice(const BasicIndex& p, int64_t n) {
-  return p.kind == BasicIndex::Kind::Slice && p.i == 1 && p.start.value_or(0) == 0 && (!p.stop || *p.stop >= n);
+}  // namespace
+
+namespace {
+
+// How many leading size-1 dims of `sizes` an assignment into `dim` dims drops.
+size_t leading_ones(c10::IntArrayRef sizes, size_t dim) {
+  size_t n = 0;
+  while (sizes.size() - n > dim && sizes[n] == 1) ++n;
+  return n;
 }
 
 }  // namespace
 
 at::Tensor strip_leading_ones(const at::Tensor& t, int64_t dim) {
   at::Tensor src = t;
-  while (src.dim() > dim && src.size(0) == 1) src = src.squeeze(0);
+  for (size_t n = leading_ones(t.sizes(), static_cast<size_t>(dim)); n > 0; --n) src = src.squeeze(0);
   return src;
 }
 
@@ -685,9 +695,7 @@ std::optional<RowWrite> row_write(const at::Tensor& t, int64_t start, int64_t si
     if (w.row_dim) view.push_back(size);
     const auto rest = t.sizes().slice(1 + w.coords.size());
     view.append(rest.begin(), rest.end());
-    auto sizes = src.sizes();
-    while (sizes.size() > view.size() && sizes[0] == 1) sizes = sizes.slice(1);
-    if (!at::is_expandable_to(sizes, view)) return std::nullopt;
+    if (!at::is_expandable_to(src.sizes().slice(leading_ones(src.sizes(), view.size())), view)) return std::nullopt;
   }
   w.item = item;
   return w;

@@ -427,10 +427,12 @@ bool Run::defer_write(int32_t node, const Arg& index, const IValue& item) {
     }
     if (!joins) flush_writes();
   }
-  if (p.writes.empty()) p.batch = batch;
+  if (p.writes.empty()) {
+    p.batch = batch;
+    p.first_node = node;
+  }
   p.end_row = std::max(p.end_row, w->row + w->rows);
   p.writes.push_back(std::move(*w));
-  p.nodes.push_back(node);
   return true;
 }
 
@@ -441,7 +443,7 @@ void Run::flush_writes() {
   try {
     write_rows(p.batch, p.writes);
   } catch (...) {
-    const int32_t first = p.nodes.front();
+    const int32_t first = p.first_node;
     auto cause = std::current_exception();
     throw NodeError(NodeError::Kind::Failed, first, -1, error_text(cause) + "\n  in: " + graph_.describe(first), cause);
   }

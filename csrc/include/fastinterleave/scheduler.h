@@ -158,7 +158,7 @@ class Run {
   struct PendingWrites {
     at::Tensor batch;
     std::vector<RowWrite> writes;
-    std::vector<int32_t> nodes;
+    int32_t first_node = -1;  // named by an error of the joined write
     int64_t end_row = 0;  // the end of the rows written so far
     void clear() { *this = PendingWrites{}; }
   } writes_;
