@@ -99,6 +99,25 @@ def test_module_never_called_names_the_line(x):
     assert_hooks_idle(model._model)
 
 
+def test_lines_follow_the_code_when_it_is_recompiled(model, x):
+    # Recorded lines are cached per (code, instruction); code compiled again (a
+    # notebook cell run again, edited) must name its own lines.
+    for blank_lines in (0, 3, 1):
+        source = "\n" * blank_lines + textwrap.dedent("""
+            def record(model, x, holder):
+                with model.trace(x):
+                    holder["p"] = model.layer1.output
+        """)
+        namespace = {}
+        exec(compile(source, "<cell>", "exec"), namespace)
+        for _ in range(2):  # the second run reads the cache
+            holder = {}
+            namespace["record"](model, x, holder)
+            with pytest.raises(ValueError) as err:
+                holder["p"].value
+            assert f"recorded at <cell>:{blank_lines + 4}" in str(err.value)
+
+
 def test_exception_inside_the_model_keeps_its_type_and_cleans_up(model, net, x):
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         with model.trace(torch.rand(1, 7)):

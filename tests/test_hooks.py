@@ -46,6 +46,21 @@ def test_hooks_of_a_repeated_trace_are_registered_once(net, x):
     assert_hooks_idle(net)
 
 
+def test_a_graph_site_without_nodes_gets_an_idle_hook_and_the_others_map_right(net, x):
+    # The engine maps each plan site to the hook of its graph site: a site the plan
+    # does not use (none is recorded that way today) must not shift the others.
+    model = nnsight.NNsight(net)
+    with model.trace(x) as tracer:
+        out = model.layer2.output.save()
+        graph = tracer._graph
+        assert graph.sites == [("layer2", 0)]
+        graph.sites.insert(0, ("layer1", 0))  # site 0: no node reads it
+        graph.nodes = [(*node[:4], node[4] + 1, *node[5:]) for node in graph.nodes]
+    assert_close(out, net(x))
+    assert set(engine_hooks(net)) == {"layer1", "layer2"}
+    assert_hooks_idle(net)
+
+
 def test_idle_hooks_change_nothing(net, x):
     plain = net(x)
     model = nnsight.NNsight(net)

@@ -197,9 +197,102 @@ void attach(const std::shared_ptr<PyRun>& run, py::list hooks) {
   }
 }
 
+// Attaches `hooks` (one per site of the recorded graph, in its order) to a run:
+// each plan site gets the hook of its graph site; hooks of sites the plan does
+// not use stay idle.
+void attach_graph_sites(const std::shared_ptr<PyRun>& run, py::list hooks) {
+  const Plan& plan = run->run().plan();
+  const auto& nodes = plan.graph->nodes;
+  py::list ordered(plan.sites.size());
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    const int32_t ps = plan.site_of_node[i];
+    if (ps < 0) continue;
+    const auto g = static_cast<size_t>(nodes[i].site);
+    if (g >= static_cast<size_t>(py::len(hooks))) throw std::logic_error("fastinterleave: no hook for a site of the graph");
+    ordered[static_cast<size_t>(ps)] = hooks[g];
+  }
+  attach(run, ordered);
+}
+
 void detach(PyRun& run) {
   for (py::handle h : run.attached) h.cast<SiteHook&>().run.reset();
   run.attached.clear();
+}
+
+// A plan handed to Python without a pybind instance (cheaper to make and drop
+// once per trace); `plan_of` wraps it as a Plan when asked for.
+constexpr const char* kPlanCapsule = "fastinterleave.plan";
+
+py::object plan_capsule(std::shared_ptr<const Plan> plan) {
+  auto* held = new std::shared_ptr<const Plan>(std::move(plan));
+  PyObject* capsule = PyCapsule_New(held, kPlanCapsule, [](PyObject* c) {
+    delete static_cast<std::shared_ptr<const Plan>*>(PyCapsule_GetPointer(c, kPlanCapsule));
+  });
+  if (capsule == nullptr) {
+    delete held;
+    throw py::error_already_set();
+  }
+  return py::reinterpret_steal<py::object>(capsule);
+}
+
+PyPlan plan_of(py::handle capsule) {
+  auto* held = static_cast<std::shared_ptr<const Plan>*>(PyCapsule_GetPointer(capsule.ptr(), kPlanCapsule));
+  if (held == nullptr) throw py::error_already_set();
+  return PyPlan{*held};
+}
+
+// A whole trace in one call: compiles the recorded graph, attaches a run of it to
+// `hooks` (the model's hooks, one per graph site, in order), calls
+// forward(*args, **kwargs) and ends the run (a stop() ending the forward early
+// included). Returns (plan, output, {node: value} of the `saved` nodes that have
+// one). The hooks are idle again and the run's values dropped on return, whatever
+// happened; errors propagate as the separate calls would raise them.
+py::tuple run_trace(py::list nodes, py::list sites, py::list invokers, int64_t batch_size, py::list saved,
+                    py::list lines, py::handle graph, py::list fns, bool allow_fallback, py::list hooks,
+                    py::handle forward, py::handle args, py::handle kwargs) {
+  PyPlan plan{compile(build_graph(nodes, sites, invokers, batch_size, saved, lines, graph))};
+  auto run = std::make_shared<PyRun>(plan, std::move(fns), allow_fallback);
+  attach_graph_sites(run, hooks);
+  struct Release {
+    PyRun& r;
+    ~Release() {
+      detach(r);
+      r.run().release();
+    }
+  } release{*run};
+  bool stopped = false;  // stop() ended the forward pass (before it began, or from a hook)
+  try {
+    py::gil_scoped_release nogil;
+    run->run().begin();
+  } catch (const EarlyStop&) {
+    stopped = true;
+  }
+  py::object output = py::none();
+  if (!stopped) {
+    py::object call_args = PyTuple_Check(args.ptr()) ? py::reinterpret_borrow<py::object>(args)
+                                                     : py::reinterpret_steal<py::object>(PySequence_Tuple(args.ptr()));
+    if (!call_args) throw py::error_already_set();
+    PyObject* out = PyObject_Call(forward.ptr(), call_args.ptr(), kwargs.is_none() ? nullptr : kwargs.ptr());
+    if (out == nullptr) {
+      py::error_already_set err;
+      if (!err.matches(g_early_stop)) throw err;
+      stopped = true;
+    } else {
+      output = py::reinterpret_steal<py::object>(out);
+    }
+  }
+  if (stopped) {
+    run->run().end_stopped();
+  } else {
+    py::gil_scoped_release nogil;
+    run->run().end();
+  }
+  py::dict values;
+  for (py::handle h : saved) {
+    const auto node = h.cast<int32_t>();
+    if (run->run().has_value(node)) values[h] = run->value(node);
+  }
+  return py::make_tuple(plan_capsule(plan.plan), std::move(output), std::move(values));
 }
 
 PyObject* python_error_type(const std::exception_ptr& cause, std::string& message) {
@@ -279,6 +372,55 @@ void translate(std::exception_ptr p) {
   }
 }
 
+
+// The error of the exception being handled, raised in Python as pybind11 would
+// (for functions called without pybind11's dispatcher).
+void raise_current() {
+  try {
+    throw;
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (const py::builtin_exception& e) {
+    e.set_error();
+  } catch (...) {
+    try {
+      translate(std::current_exception());  // NodeError, EarlyStop, c10::Error
+    } catch (...) {
+      std::string message;
+      PyObject* type = python_error_type(std::current_exception(), message);
+      PyErr_SetString(type, message.c_str());
+    }
+  }
+}
+
+// run_trace, called once per trace: positional arguments only, without the
+// dispatcher's overload and argument-caster work.
+PyObject* run_trace_fast(PyObject* /*self*/, PyObject* const* a, Py_ssize_t n) {
+  try {
+    if (n != 13) throw py::type_error("run_trace takes 13 positional arguments");
+    auto list = [&](int i) {
+      if (!PyList_Check(a[i])) throw py::type_error("run_trace: argument " + std::to_string(i) + " must be a list");
+      return py::reinterpret_borrow<py::list>(a[i]);
+    };
+    const long batch_size = PyLong_AsLong(a[3]);
+    if (batch_size == -1 && PyErr_Occurred()) throw py::error_already_set();
+    const int fallback = PyObject_IsTrue(a[8]);
+    if (fallback < 0) throw py::error_already_set();
+    return run_trace(list(0), list(1), list(2), batch_size, list(4), list(5), a[6], list(7), fallback != 0, list(9),
+                     a[10], a[11], a[12])
+        .release()
+        .ptr();
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyMethodDef g_run_trace_def = {
+    "run_trace", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&run_trace_fast)), METH_FASTCALL,
+    "run_trace(nodes, sites, invokers, batch_size, saved, lines, token, fns, allow_fallback, hooks, forward, args, "
+    "kwargs) -> (plan, output, values): compiles a recorded graph and runs it with one forward call."};
+
 }  // namespace
 
 void register_engine(py::module_& m) {
@@ -315,6 +457,9 @@ void register_engine(py::module_& m) {
       py::arg("nodes"), py::arg("sites"), py::arg("invokers"), py::arg("batch_size"), py::arg("saved"),
       py::arg("lines"), py::arg("token"));
 
+  m.add_object("run_trace", py::reinterpret_steal<py::object>(PyCFunction_NewEx(&g_run_trace_def, nullptr, nullptr)));
+  m.def("plan_of", &plan_of, py::arg("handle"));
+
   m.def("load_plan", [](py::bytes data) { return PyPlan{compile(std::make_shared<Graph>(deserialize_graph(data)))}; });
 
   py::class_<SiteHook>(m, "SiteHook")
@@ -332,8 +477,6 @@ void register_engine(py::module_& m) {
              detach(r);
              r.run().release();
            })
-      .def("attach", &attach)
-      .def("detach", &detach)
       .def("done", [](PyRun& r, int32_t node) { return r.run().done(node); })
       .def("values",
            [](PyRun& r, py::list nodes) {

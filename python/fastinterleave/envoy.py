@@ -146,7 +146,10 @@ class Envoy:
     @property
     def output(self):
         """The module's output (a proxy)."""
-        return self._open_tracer("output")._site(self._path, OUTPUT, WHOLE)
+        tracer = self._root._tracer  # (_open_tracer, inlined: the hot path)
+        if tracer is None:
+            self._open_tracer("output")
+        return tracer._site(self._path, OUTPUT, WHOLE)
 
     @output.setter
     def output(self, value):
@@ -155,7 +158,10 @@ class Envoy:
     @property
     def inputs(self):
         """``(args, kwargs)`` the module is called with (a proxy)."""
-        return self._open_tracer("inputs")._site(self._path, INPUT, WHOLE)
+        tracer = self._root._tracer  # (_open_tracer, inlined: the hot path)
+        if tracer is None:
+            self._open_tracer("inputs")
+        return tracer._site(self._path, INPUT, WHOLE)
 
     @inputs.setter
     def inputs(self, value):
@@ -164,7 +170,10 @@ class Envoy:
     @property
     def input(self):
         """The module's first positional argument (a proxy)."""
-        return self._open_tracer("input")._site(self._path, INPUT, FIRST_ARG)
+        tracer = self._root._tracer  # (_open_tracer, inlined: the hot path)
+        if tracer is None:
+            self._open_tracer("input")
+        return tracer._site(self._path, INPUT, FIRST_ARG)
 
     @input.setter
     def input(self, value):

@@ -5,6 +5,7 @@ orders, counts or runs them (after the trace, operations on proxies evaluate
 eagerly on their values instead).
 """
 
+import operator
 import os
 import sys
 
@@ -23,6 +24,8 @@ _SKIP_FILES = {}  # filename -> whether a recorded line skips it (fastinterleave
 
 RECORDING, DONE, RUNNING = 0, 1, 2
 
+_LINE_OF_NODE = operator.itemgetter(9)  # a node record's line index
+
 # Traces and sessions being recorded, innermost last. An operation on a proxy
 # of another recording graph (a session's earlier trace) records here.
 OPEN = []
@@ -31,10 +34,15 @@ OPEN = []
 class Graph:
     """Nodes, the sites they read, saved node ids, source lines, Python callables."""
 
-    __slots__ = (
-        "nodes", "sites", "_site_index", "saved", "lines", "_line_index", "fns", "_fn_index",
-        "invoker", "values", "state", "node_lines", "shared", "fake", "fake_mode", "validate", "__weakref__",
-    )
+    # Defaults read from the class until set (a trace's fixed cost is mostly such stores).
+    invoker = 0  # the invoke being recorded (-1: an edit, seen by the whole batch)
+    values = None  # {node: value} once run
+    state = RECORDING
+    node_lines = None  # each node's line, kept when the nodes are dropped
+    shared = False  # in a session: proxies of other graphs read here are kept for it
+    fake = None  # scan=True: node -> fake value (shapes while recording)
+    fake_mode = None
+    validate = False
 
     def __init__(self):
         self.nodes = []
@@ -45,14 +53,6 @@ class Graph:
         self._line_index = {}
         self.fns = []
         self._fn_index = {}
-        self.invoker = 0
-        self.values = None
-        self.state = RECORDING
-        self.node_lines = None
-        self.shared = False  # in a session: proxies of other graphs read here are kept for it
-        self.fake = None  # scan=True: node -> fake value (shapes while recording)
-        self.fake_mode = None
-        self.validate = False
 
     # -- recording -------------------------------------------------------------
 
@@ -78,6 +78,19 @@ class Graph:
                 self.fake[index] = value
         return Proxy(self, index)
 
+    def add_site(self, path, kind, calls, projection):
+        """Records a Site node, a module's value (``add(SITE, ...)`` without the
+        checks no site needs), and returns its proxy."""
+        if self.state != RECORDING:
+            return self._eager(SITE, "", (), None, None)
+        site = self._site_index.get((path, kind))
+        if site is None:
+            site = self.site(path, kind)
+        nodes = self.nodes
+        index = len(nodes)
+        nodes.append((SITE, "", (), None, site, calls, self.invoker, projection, -1, self._line()))
+        return Proxy(self, index)
+
     def site(self, module_path, kind):
         key = (module_path, kind)
         index = self._site_index.get(key)
@@ -94,10 +107,13 @@ class Graph:
         return index
 
     def _line(self):
+        """The index in `lines` of the user's source line running now (the first
+        frame outside fastinterleave and torch), -1 when there is none."""
         frame = sys._getframe(2)
         skip = _SKIP_FILES
         while frame is not None:
-            filename = frame.f_code.co_filename
+            code = frame.f_code
+            filename = code.co_filename
             skipped = skip.get(filename)
             if skipped is None:
                 skipped = skip[filename] = filename.startswith(_SKIP_DIRS)
@@ -106,11 +122,11 @@ class Graph:
             frame = frame.f_back
         if frame is None:
             return -1
-        key = (filename, frame.f_lineno)
-        index = self._line_index.get(key)
+        location = _location(code, frame)
+        index = self._line_index.get(location)
         if index is None:
-            index = self._line_index[key] = len(self.lines)
-            self.lines.append(f"{filename}:{key[1]}")
+            index = self._line_index[location] = len(self.lines)
+            self.lines.append(location)
         return index
 
     # -- after the run ---------------------------------------------------------
@@ -119,7 +135,7 @@ class Graph:
         """``file.py:12: source`` of the line that recorded `node`."""
         from .errors import source_line
 
-        lines = self.node_lines if self.node_lines is not None else [n[9] for n in self.nodes]
+        lines = self.node_lines if self.node_lines is not None else list(map(_LINE_OF_NODE, self.nodes))
         if 0 <= node < len(lines) and lines[node] >= 0:
             return source_line(self.lines[lines[node]])
         return f"node {node}"
@@ -128,7 +144,7 @@ class Graph:
         """Keeps the saved values and drops the recording (constants included),
         unless it may run again (`keep_nodes`: a trace in a session loop)."""
         self.values = values
-        self.node_lines = [n[9] for n in self.nodes]
+        self.node_lines = list(map(_LINE_OF_NODE, self.nodes))
         if not keep_nodes:
             self.nodes = []
             self.fns = []
@@ -183,6 +199,23 @@ class Graph:
         if op == CALL and fn is not None:
             return fn(*args, **kwargs)
         raise _C.InterventionError("this trace has already run: module inputs and outputs can only be read or set inside it")
+
+
+# (id(code), instruction offset) -> (code, "file:line"). A frame's f_lineno decodes the
+# code's line table from its start on every read; a trace recorded again (a loop, a
+# sweep) finds its lines here. The code object is kept so its id is not reused.
+_LOCATIONS = {}
+_MAX_LOCATIONS = 4096
+
+
+def _location(code, frame):
+    key = (id(code), frame.f_lasti)
+    entry = _LOCATIONS.get(key)
+    if entry is None or entry[0] is not code:
+        if len(_LOCATIONS) >= _MAX_LOCATIONS:
+            _LOCATIONS.clear()
+        entry = _LOCATIONS[key] = (code, f"{code.co_filename}:{frame.f_lineno}")
+    return entry[1]
 
 
 def map_proxies(obj, fn):

@@ -27,21 +27,20 @@ class ModelHooks:
         # Removed with the wrapper (`owner` is shared by its edit copies).
         self._finalizer = weakref.finalize(owner, _remove_all, self._installed)
 
-    def attach(self, run, sites, module_at):
-        """Attaches `run` to hooks on `sites` ([(path, kind)] in plan order), installing
-        missing ones and removing those of other sites. Returns what to call once the
-        run is released."""
+    def acquire(self, sites, module_at):
+        """The hooks on `sites` ([(path, kind)], one per site, in order) for one run,
+        installing missing ones and removing those of other sites, and what to call
+        once the run is over (its hooks idle again)."""
         if self._busy:
             # The model is already running a trace (called again from inside one, or
             # from another thread): this run gets hooks of its own, removed after it.
-            return _temporary(run, sites, module_at)
+            return _temporary(sites, module_at)
         if sites != self._sites:
             self._install(sites, module_at)
-        run.attach(self._hooks)
         self._busy = True
-        return self._detached
+        return self._hooks, self._released
 
-    def _detached(self):
+    def _released(self):
         self._busy = False
 
     def _install(self, sites, module_at):
@@ -83,15 +82,14 @@ def _register(module, kind):
     return hook, handle
 
 
-def _temporary(run, sites, module_at):
+def _temporary(sites, module_at):
     pairs = [_register(module_at(path), kind) for path, kind in sites]
-    run.attach([hook for hook, _ in pairs])
 
     def remove():
         for _, handle in pairs:
             handle.remove()
 
-    return remove
+    return [hook for hook, _ in pairs], remove
 
 
 def _remove_all(installed):

@@ -9,7 +9,7 @@ import torch
 from . import _C, patching
 from .config import CONFIG
 from .errors import annotate
-from .graph import CALL, COND, ENDCOND, FIRST_ARG, OPEN, OUTPUT, RUNNING, SITE, STOP, SWAP, Graph, _keep_foreign, resolve
+from .graph import CALL, COND, ENDCOND, FIRST_ARG, OPEN, OUTPUT, RUNNING, STOP, SWAP, Graph, _keep_foreign, resolve
 from .proxy import Proxy
 
 Tensor = torch.Tensor
@@ -56,7 +56,13 @@ class Invoker:
         if graph.state != 0:
             raise _C.InterventionError("this trace has already run")
         inputs, kwargs = self._raw
-        self._deferred = _has_proxy(inputs) or (bool(kwargs) and _has_proxy(kwargs))
+        for x in inputs:
+            if type(x) is not Tensor and _has_proxy(x):
+                self._deferred = True
+                break
+        else:
+            if kwargs and _has_proxy(kwargs):
+                self._deferred = True
         if self._deferred:
             # Inputs computed by an earlier step of a session: prepared when they exist.
             _keep_foreign(graph, self._raw)
@@ -97,7 +103,7 @@ class Tracer:
     _implicit = None
     _model_kwargs = {}  # replaced, never changed in place
     output = None
-    _plan = None  # the compiled plan, once run
+    _plan_handle = None  # the compiled plan, once run (the engine's handle)
     _layout = None  # an empty trace's batch layout (its plan is compiled only to export it)
 
     def __init__(self, model, *inputs, scan=False, validate=False, remote=False, backend=None, **kwargs):
@@ -156,26 +162,22 @@ class Tracer:
 
     def __exit__(self, exc_type, exc, tb):
         try:
-            return self._exit(exc_type)
+            self._invoker = None  # the implicit invoke ends with the block
+            self._close()
+            frame, self._frame = self._frame, None
+            if exc_type is not None:
+                return False
+            if self._session is not None:
+                self._session._add_trace(self)  # runs when the session exits
+                return False
+            if not self._run_model:  # model.scan(...): shapes only
+                return False
+            self._execute()
+            if CONFIG.APP.FRAME_INJECTION:
+                _inject(frame, self._graph)
+            return False
         finally:
             _resume_gc()
-
-    def _exit(self, exc_type):
-        if self._implicit is not None:
-            self._implicit.__exit__(None, None, None)
-        self._close()
-        frame, self._frame = self._frame, None
-        if exc_type is not None:
-            return False
-        if self._session is not None:
-            self._session._add_trace(self)  # runs when the session exits
-            return False
-        if not self._run_model:  # model.scan(...): shapes only
-            return False
-        self._execute()
-        if CONFIG.APP.FRAME_INJECTION:
-            _inject(frame, self._graph)
-        return False
 
     def invoke(self, *inputs, **kwargs):
         """A batch entry: ``with tracer.invoke(x):`` (all invokes run in one forward pass)."""
@@ -190,11 +192,10 @@ class Tracer:
         key = (path, kind, projection, tuple(calls) if type(calls) is list else calls)
         proxy = self._cache.get(key)
         if proxy is None:
-            graph = self._graph
-            proxy = graph.add(SITE, "", (), None, graph.site(path, kind), calls, projection)
+            proxy = self._graph.add_site(path, kind, calls, projection)
             self._cache[key] = proxy
             if self._fakes:
-                self._fake_site(graph, proxy, path, kind, projection, calls)
+                self._fake_site(self._graph, proxy, path, kind, projection, calls)
         return proxy
 
     def _fake_site(self, graph, proxy, path, kind, projection, calls):
@@ -266,32 +267,29 @@ class Tracer:
         saved = sorted(set(graph.saved))
         values = {}
         try:
-            plan = self._compile(layout, start, saved)
-            run = _C.Run(plan, graph.fns, CONFIG.engine.python_fallback)
-            detached = None
+            # Compiled, run with the model's hooks and ended in one engine call.
+            hooks, released = model._envoy._hooks.acquire(graph.sites, model._module_at)
             try:
-                detached = model._envoy._hooks.attach(run, plan.sites, model._module_at)
-                try:
-                    run.begin()
-                    self.output = model._execute(*args, **kwargs)
-                except _C.EarlyStop:
-                    run.end_stopped()
-                else:
-                    run.end()
-                values = run.values(saved)
+                self._plan_handle, self.output, values = _C.run_trace(
+                    graph.nodes, graph.sites, layout, start, saved, graph.lines, graph, graph.fns,
+                    CONFIG.engine.python_fallback, hooks, model._execute, args, kwargs,
+                )
             finally:
-                run.release()  # detaches the hooks: idle until the next run
-                if detached is not None:
-                    detached()
+                released()
         except BaseException as e:
             graph.finish(values)
             raise annotate(e, graph)
         graph.finish(values, keep_nodes)
 
+    @property
+    def _plan(self):
+        """The plan that ran (a ``_C.Plan``), or None."""
+        handle = self._plan_handle
+        return None if handle is None else _C.plan_of(handle)
+
     def _compile(self, layout, start, saved):
         graph = self._graph
-        self._plan = _C.compile(graph.nodes, graph.sites, layout, start, saved, graph.lines, graph)
-        return self._plan
+        return _C.compile(graph.nodes, graph.sites, layout, start, saved, graph.lines, graph)
 
     def export(self, path, names=None):
         """Writes the graph that ran to `path`, for a C++ program to run with no Python.
