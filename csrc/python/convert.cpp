@@ -174,7 +174,20 @@ void set_proxy_type(py::handle type) {
   g_node_offset = type ? slot_offset(type, "_node") : -1;
 }
 
-PyObject* proxy_type_object() { return g_proxy_type; }
+PyObject* node_of_proxy(PyObject* obj, PyObject* graph) {
+  if (g_proxy_type == nullptr || Py_TYPE(obj) != reinterpret_cast<PyTypeObject*>(g_proxy_type)) return nullptr;
+  if (g_graph_offset >= 0 && g_node_offset >= 0) {
+    return slot(obj, g_graph_offset) == graph ? slot(obj, g_node_offset) : nullptr;
+  }
+  static PyObject* const s_graph = PyUnicode_InternFromString("_graph");
+  static PyObject* const s_node = PyUnicode_InternFromString("_node");
+  auto owner = py::reinterpret_steal<py::object>(PyObject_GetAttr(obj, s_graph));
+  if (!owner) throw py::error_already_set();
+  if (owner.ptr() != graph) return nullptr;
+  auto node = py::reinterpret_steal<py::object>(PyObject_GetAttr(obj, s_node));
+  if (!node) throw py::error_already_set();
+  return node.ptr();  // the proxy holds it
+}
 
 Arg to_arg(py::handle obj, py::handle graph) {
   // Interned once: attribute lookups by C string would build a str each time.

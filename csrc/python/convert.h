@@ -29,8 +29,9 @@ py::object to_python(const c10::IValue& value, py::handle like = py::handle());
 // Recorded arguments: proxies of `graph` become Refs; proxies of a finished
 // trace give their value.
 void set_proxy_type(py::handle type);
-PyObject* proxy_type_object();  // borrowed; null before set_proxy_type
 Arg to_arg(py::handle obj, py::handle graph);
+// The node id (borrowed) of `obj` when it is a Proxy of `graph`, else null.
+PyObject* node_of_proxy(PyObject* obj, PyObject* graph);
 py::object arg_to_python(const Arg& resolved);
 
 }  // namespace fastinterleave::python

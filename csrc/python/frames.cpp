@@ -13,21 +13,28 @@ namespace {
 // in `values` ({node: value}) by that value. Returns how many were replaced.
 int inject(py::handle frame, py::handle graph, py::dict values) {
   if (values.empty()) return 0;
-  PyObject* proxy_type = proxy_type_object();
   // 3.11: a dict snapshot of the fast locals; 3.13+ (PEP 667): a write-through proxy.
   py::object locals = frame.attr("f_locals");
   std::vector<std::pair<py::object, py::object>> writes;
-  for (auto item : py::reinterpret_steal<py::list>(PyMapping_Items(locals.ptr()))) {
-    auto pair = item.cast<py::tuple>();
-    py::handle value = pair[1];
-    if (Py_TYPE(value.ptr()) != reinterpret_cast<PyTypeObject*>(proxy_type)) continue;
-    if (value.attr("_graph").ptr() != graph.ptr()) continue;
-    PyObject* v = PyDict_GetItemWithError(values.ptr(), value.attr("_node").ptr());
+  auto consider = [&](PyObject* name, PyObject* value) {
+    PyObject* node = node_of_proxy(value, graph.ptr());
+    if (node == nullptr) return;
+    PyObject* v = PyDict_GetItemWithError(values.ptr(), node);
     if (v == nullptr) {
       if (PyErr_Occurred()) throw py::error_already_set();
-      continue;
+      return;
     }
-    writes.emplace_back(pair[0], py::reinterpret_borrow<py::object>(v));
+    writes.emplace_back(py::reinterpret_borrow<py::object>(name), py::reinterpret_borrow<py::object>(v));
+  };
+  if (PyDict_Check(locals.ptr())) {
+    PyObject *name = nullptr, *value = nullptr;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(locals.ptr(), &pos, &name, &value)) consider(name, value);
+  } else {
+    for (auto item : py::reinterpret_steal<py::list>(PyMapping_Items(locals.ptr()))) {
+      auto pair = item.cast<py::tuple>();
+      consider(pair[0].ptr(), pair[1].ptr());
+    }
   }
   for (auto& [k, v] : writes) {
     if (PyObject_SetItem(locals.ptr(), k.ptr(), v.ptr()) != 0) throw py::error_already_set();
@@ -47,10 +54,31 @@ int inject(py::handle frame, py::handle graph, py::dict values) {
   return static_cast<int>(writes.size());
 }
 
+// inject(frame, graph, values), called after every trace: without the pybind11
+// dispatcher's per-call work.
+PyObject* inject_fast(PyObject* /*self*/, PyObject* const* a, Py_ssize_t n) {
+  try {
+    if (n != 3 || !PyDict_Check(a[2])) throw py::type_error("inject(frame, graph, values: dict)");
+    return PyLong_FromLong(inject(a[0], a[1], py::reinterpret_borrow<py::dict>(a[2])));
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (const py::builtin_exception& e) {
+    e.set_error();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+PyMethodDef g_inject_def = {
+    "inject", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&inject_fast)), METH_FASTCALL,
+    "inject(frame, graph, values) -> int: replaces the frame's locals holding saved proxies of `graph` by "
+    "their values ({node: value}); returns how many."};
+
 }  // namespace
 
 void register_frames(py::module_& m) {
-  m.def("inject", &inject, py::arg("frame"), py::arg("graph"), py::arg("values"));
+  m.add_object("inject", py::reinterpret_steal<py::object>(PyCFunction_NewEx(&g_inject_def, nullptr, nullptr)));
 }
 
 }  // namespace fastinterleave::python

@@ -83,9 +83,11 @@ class Graph:
         checks no site needs), and returns its proxy."""
         if self.state != RECORDING:
             return self._eager(SITE, "", (), None, None)
-        site = self._site_index.get((path, kind))
+        key = (path, kind)
+        site = self._site_index.get(key)
         if site is None:
-            site = self.site(path, kind)
+            site = self._site_index[key] = len(self.sites)
+            self.sites.append(key)
         nodes = self.nodes
         index = len(nodes)
         nodes.append((SITE, "", (), None, site, calls, self.invoker, projection, -1, self._line()))
@@ -122,7 +124,15 @@ class Graph:
             frame = frame.f_back
         if frame is None:
             return -1
-        location = _location(code, frame)
+        # The location, cached per (code, instruction): f_lineno decodes the code's
+        # line table from its start on every read.
+        key = (id(code), frame.f_lasti)
+        entry = _LOCATIONS.get(key)
+        if entry is None or entry[0] is not code:
+            if len(_LOCATIONS) >= _MAX_LOCATIONS:
+                _LOCATIONS.clear()
+            entry = _LOCATIONS[key] = (code, f"{filename}:{frame.f_lineno}")
+        location = entry[1]
         index = self._line_index.get(location)
         if index is None:
             index = self._line_index[location] = len(self.lines)
@@ -201,21 +211,11 @@ class Graph:
         raise _C.InterventionError("this trace has already run: module inputs and outputs can only be read or set inside it")
 
 
-# (id(code), instruction offset) -> (code, "file:line"). A frame's f_lineno decodes the
-# code's line table from its start on every read; a trace recorded again (a loop, a
-# sweep) finds its lines here. The code object is kept so its id is not reused.
+# Graph._line's cache: (id(code), instruction offset) -> (code, "file:line"), for
+# traces recorded again (a loop, a sweep). The code object is kept so its id is
+# not reused while the entry lives.
 _LOCATIONS = {}
 _MAX_LOCATIONS = 4096
-
-
-def _location(code, frame):
-    key = (id(code), frame.f_lasti)
-    entry = _LOCATIONS.get(key)
-    if entry is None or entry[0] is not code:
-        if len(_LOCATIONS) >= _MAX_LOCATIONS:
-            _LOCATIONS.clear()
-        entry = _LOCATIONS[key] = (code, f"{code.co_filename}:{frame.f_lineno}")
-    return entry[1]
 
 
 def map_proxies(obj, fn):

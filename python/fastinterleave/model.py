@@ -101,6 +101,14 @@ class NNsight:
     def _execute(self, *args, **kwargs):
         return self._model(*args, **kwargs)
 
+    # Whether ``_execute`` is the one above: a trace then calls the module itself
+    # (one Python call less per trace). Set for each subclass.
+    _plain_execute = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._plain_execute = cls._execute is NNsight._execute
+
     def _batch_invokes(self, inputs):
         """The batched ``(args, kwargs)`` of every invoke's prepared ``(args, kwargs)``:
         ``_batch`` folded over them, or, with the default ``_batch``, one concatenation

@@ -173,8 +173,9 @@ class Tracer:
             if not self._run_model:  # model.scan(...): shapes only
                 return False
             self._execute()
-            if CONFIG.APP.FRAME_INJECTION:
-                _inject(frame, self._graph)
+            values = self._graph.values
+            if values and CONFIG.APP.FRAME_INJECTION:
+                _C.inject(frame, self._graph, values)  # (_inject, inlined: the hot path)
             return False
         finally:
             _resume_gc()
@@ -241,14 +242,16 @@ class Tracer:
                 "this trace has no inputs: pass them to model.trace(...) or open `with tracer.invoke(...)` blocks"
             )
         layout = []
+        inputs = []
         start = 0
         for inv in self._invokers:
             if inv._deferred:  # each run (a session loop) reads the current values
-                inputs, kw = resolve(inv._raw)
-                inv.inputs, inv.batch_size = model._prepare_input(*inputs, **kw)
+                args, kw = resolve(inv._raw)
+                inv.inputs, inv.batch_size = model._prepare_input(*args, **kw)
             layout.append((start, inv.batch_size))
+            inputs.append(inv.inputs)
             start += inv.batch_size
-        args, kwargs = model._batch_invokes([inv.inputs for inv in self._invokers])
+        args, kwargs = model._batch_invokes(inputs)
         if self._model_kwargs:
             kwargs = {**kwargs, **self._model_kwargs}
 
@@ -269,10 +272,11 @@ class Tracer:
         try:
             # Compiled, run with the model's hooks and ended in one engine call.
             hooks, released = model._envoy._hooks.acquire(graph.sites, model._module_at)
+            forward = model._model if model._plain_execute else model._execute
             try:
                 self._plan_handle, self.output, values = _C.run_trace(
                     graph.nodes, graph.sites, layout, start, saved, graph.lines, graph, graph.fns,
-                    CONFIG.engine.python_fallback, hooks, model._execute, args, kwargs,
+                    CONFIG.engine.python_fallback, hooks, forward, args, kwargs,
                 )
             finally:
                 released()
