@@ -175,7 +175,7 @@ void set_proxy_type(py::handle type) {
 }
 
 PyObject* node_of_proxy(PyObject* obj, PyObject* graph) {
-  if (g_proxy_type == nullptr || Py_TYPE(obj) != reinterpret_cast<PyTypeObject*>(g_proxy_type)) return nullptr;
+  if (g_proxy_type == nullptr || !PyObject_TypeCheck(obj, reinterpret_cast<PyTypeObject*>(g_proxy_type))) return nullptr;
   if (g_graph_offset >= 0 && g_node_offset >= 0) {
     return slot(obj, g_graph_offset) == graph ? slot(obj, g_node_offset) : nullptr;
   }
@@ -191,25 +191,10 @@ PyObject* node_of_proxy(PyObject* obj, PyObject* graph) {
 
 Arg to_arg(py::handle obj, py::handle graph) {
   // Interned once: attribute lookups by C string would build a str each time.
-  static PyObject* const s_graph = PyUnicode_InternFromString("_graph");
-  static PyObject* const s_node = PyUnicode_InternFromString("_node");
   static PyObject* const s_value = PyUnicode_InternFromString("value");
   PyObject* p = obj.ptr();
   if (g_proxy_type && PyObject_TypeCheck(p, reinterpret_cast<PyTypeObject*>(g_proxy_type))) {
-    if (g_graph_offset >= 0 && g_node_offset >= 0) {
-      PyObject* owner = slot(p, g_graph_offset);
-      PyObject* node = slot(p, g_node_offset);
-      if (owner == graph.ptr() && node != nullptr && PyLong_CheckExact(node)) {
-        return Arg::make_ref(static_cast<int32_t>(PyLong_AsLong(node)));
-      }
-    }
-    auto owner = py::reinterpret_steal<py::object>(PyObject_GetAttr(p, s_graph));
-    if (!owner) throw py::error_already_set();
-    if (owner.ptr() == graph.ptr()) {
-      auto node = py::reinterpret_steal<py::object>(PyObject_GetAttr(p, s_node));
-      if (!node) throw py::error_already_set();
-      return Arg::make_ref(node.cast<int32_t>());
-    }
+    if (PyObject* node = node_of_proxy(p, graph.ptr())) return Arg::make_ref(py::handle(node).cast<int32_t>());
     auto value = py::reinterpret_steal<py::object>(PyObject_GetAttr(p, s_value));
     if (!value) throw py::error_already_set();
     return Arg::make_const(result_to_ivalue(value));  // the same object: appends land

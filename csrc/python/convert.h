@@ -32,6 +32,11 @@ void set_proxy_type(py::handle type);
 Arg to_arg(py::handle obj, py::handle graph);
 // The node id (borrowed) of `obj` when it is a Proxy of `graph`, else null.
 PyObject* node_of_proxy(PyObject* obj, PyObject* graph);
+
+// Inside a catch block of a function called without pybind11's dispatcher
+// (METH_FASTCALL): raises the exception being handled in Python, as pybind11
+// and the engine's translator would.
+void raise_current();
 py::object arg_to_python(const Arg& resolved);
 
 }  // namespace fastinterleave::python

@@ -60,12 +60,8 @@ PyObject* inject_fast(PyObject* /*self*/, PyObject* const* a, Py_ssize_t n) {
   try {
     if (n != 3 || !PyDict_Check(a[2])) throw py::type_error("inject(frame, graph, values: dict)");
     return PyLong_FromLong(inject(a[0], a[1], py::reinterpret_borrow<py::dict>(a[2])));
-  } catch (py::error_already_set& e) {
-    e.restore();
-  } catch (const py::builtin_exception& e) {
-    e.set_error();
-  } catch (const std::exception& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what());
+  } catch (...) {
+    raise_current();
   }
   return nullptr;
 }

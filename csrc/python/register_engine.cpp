@@ -373,26 +373,6 @@ void translate(std::exception_ptr p) {
 }
 
 
-// The error of the exception being handled, raised in Python as pybind11 would
-// (for functions called without pybind11's dispatcher).
-void raise_current() {
-  try {
-    throw;
-  } catch (py::error_already_set& e) {
-    e.restore();
-  } catch (const py::builtin_exception& e) {
-    e.set_error();
-  } catch (...) {
-    try {
-      translate(std::current_exception());  // NodeError, EarlyStop, c10::Error
-    } catch (...) {
-      std::string message;
-      PyObject* type = python_error_type(std::current_exception(), message);
-      PyErr_SetString(type, message.c_str());
-    }
-  }
-}
-
 // run_trace, called once per trace: positional arguments only, without the
 // dispatcher's overload and argument-caster work.
 PyObject* run_trace_fast(PyObject* /*self*/, PyObject* const* a, Py_ssize_t n) {
@@ -422,6 +402,24 @@ PyMethodDef g_run_trace_def = {
     "kwargs) -> (plan, output, values): compiles a recorded graph and runs it with one forward call."};
 
 }  // namespace
+
+void raise_current() {
+  try {
+    throw;
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (const py::builtin_exception& e) {
+    e.set_error();
+  } catch (...) {
+    try {
+      translate(std::current_exception());  // NodeError, EarlyStop, c10::Error
+    } catch (...) {
+      std::string message;
+      PyObject* type = python_error_type(std::current_exception(), message);
+      PyErr_SetString(type, message.c_str());
+    }
+  }
+}
 
 void register_engine(py::module_& m) {
   g_intervention_error = PyErr_NewExceptionWithDoc(
