@@ -2,7 +2,10 @@
 churn when a trace's sites repeat, nothing changed while no trace runs, gone with
 the wrapper."""
 
+import copy
 import gc
+import io
+import pickle
 import threading
 
 import pytest
@@ -77,6 +80,38 @@ def test_idle_hooks_change_nothing(net, x):
     finally:
         handle.remove()
     assert_close(seen[0], net.layer1(x))
+
+
+def test_a_traced_model_can_be_copied_and_pickled(net, x):
+    # The idle hooks left on the modules must not stop copy.deepcopy / torch.save
+    # of the model; a copy carries an idle hook of the same kind and computes the same.
+    model = nnsight.NNsight(net)
+    with model.trace(x):
+        model.layer1.output[:] = 0
+        model.layer2.inputs.save()
+    plain = net(x)
+    buffer = io.BytesIO()
+    torch.save(net, buffer)
+    buffer.seek(0)
+    for copy_ in (copy.deepcopy(net), pickle.loads(pickle.dumps(net)), torch.load(buffer, weights_only=False)):
+        assert_close(copy_(x), plain)
+        hooks = engine_hooks(copy_)
+        assert set(hooks) == {"layer1", "layer2"}
+        assert all(not h.attached for hs in hooks.values() for h in hs)
+        assert [h is o for h, o in zip(hooks["layer1"], engine_hooks(net)["layer1"])] == [False]
+        assert len(copy_.layer2._forward_pre_hooks) == 1 and not copy_.layer2._forward_hooks  # where they were
+    # The original still traces, with its own hooks.
+    with model.trace(x):
+        out = model.layer2.output.save()
+    assert_close(out, plain)
+    assert_hooks_idle(net)
+
+
+def test_a_site_hook_called_wrongly_raises_a_type_error():
+    hook = nnsight._C.SiteHook(True)
+    with pytest.raises(TypeError, match=r"SiteHook takes \(module, args, output\)"):
+        hook(1, 2)
+    assert hook(None, (), None) is None  # idle: changes nothing
 
 
 def test_a_trace_with_other_sites_removes_hooks_it_does_not_need(net, x):

@@ -30,9 +30,13 @@ PyObject* g_proxy_type = nullptr;
 Py_ssize_t g_graph_offset = -1, g_node_offset = -1;
 
 Py_ssize_t slot_offset(py::handle type, const char* name) {
-  PyObject* d = PyDict_GetItemString(reinterpret_cast<PyTypeObject*>(type.ptr())->tp_dict, name);
-  if (d == nullptr || Py_TYPE(d) != &PyMemberDescr_Type) return -1;
-  const PyMemberDef* m = reinterpret_cast<PyMemberDescrObject*>(d)->d_member;
+  auto d = py::reinterpret_steal<py::object>(PyObject_GetAttrString(type.ptr(), name));  // inherited too
+  if (!d) {
+    PyErr_Clear();
+    return -1;
+  }
+  if (Py_TYPE(d.ptr()) != &PyMemberDescr_Type) return -1;
+  const PyMemberDef* m = reinterpret_cast<PyMemberDescrObject*>(d.ptr())->d_member;
   return m->type == T_OBJECT_EX ? m->offset : -1;
 }
 

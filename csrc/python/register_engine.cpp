@@ -154,45 +154,120 @@ bool fire_without_gil(Run& r, int32_t site, c10::IValue& v) {
 // Output hooks take (module, args, output) and return the swapped output or
 // None; input pre-hooks (with kwargs) take (module, args, kwargs) and return
 // (args, kwargs) when swapped.
-struct SiteHook {
-  bool output = true;
-  std::shared_ptr<PyRun> run;  // null while idle
-  int32_t site = -1;
-
-  py::object operator()(py::handle /*module*/, py::handle a, py::handle b) {
-    if (!run) return py::none();
-    Run& r = run->run();
-    if (r.paused()) return py::none();
-    if (!r.pending(site)) {
-      r.skip_call(site);
-      return py::none();
-    }
-    if (output) {
-      c10::IValue v = to_ivalue(b);
-      if (!fire_without_gil(r, site, v)) return py::none();
-      return to_python(v, b);
-    }
-    py::tuple pair = py::make_tuple(a, b);
-    c10::IValue v = to_ivalue(pair);
-    if (!fire_without_gil(r, site, v)) return py::none();
-    return to_python(v, pair);
-  }
+//
+// A raw CPython type, called by vectorcall: torch calls it on every forward of
+// its module, idle or not, and pybind11's dispatcher would cost more than an
+// idle call does. Copies and pickles of a module carry a new idle hook.
+struct SiteHookObject {
+  PyObject_HEAD
+  vectorcallfunc vectorcall;
+  PyRun* run;  // null while idle; the run detaches its hooks before it ends
+  int32_t site;
+  bool output;
 };
+
+PyTypeObject g_site_hook_type = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+SiteHookObject* as_site_hook(py::handle h) {
+  if (Py_TYPE(h.ptr()) != &g_site_hook_type) throw py::type_error("fastinterleave: not a SiteHook");
+  return reinterpret_cast<SiteHookObject*>(h.ptr());
+}
+
+py::object fire_site_hook(SiteHookObject* hook, PyObject* a, PyObject* b) {
+  Run& r = hook->run->run();
+  if (r.paused()) return py::none();
+  if (!r.pending(hook->site)) {
+    r.skip_call(hook->site);
+    return py::none();
+  }
+  if (hook->output) {
+    c10::IValue v = to_ivalue(b);
+    if (!fire_without_gil(r, hook->site, v)) return py::none();
+    return to_python(v, b);
+  }
+  py::tuple pair = py::make_tuple(py::handle(a), py::handle(b));
+  c10::IValue v = to_ivalue(pair);
+  if (!fire_without_gil(r, hook->site, v)) return py::none();
+  return to_python(v, pair);
+}
+
+PyObject* site_hook_call(PyObject* self, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
+  if (PyVectorcall_NARGS(nargsf) != 3 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+    PyErr_SetString(PyExc_TypeError, "SiteHook takes (module, args, output) or (module, args, kwargs)");
+    return nullptr;
+  }
+  auto* hook = reinterpret_cast<SiteHookObject*>(self);
+  if (hook->run == nullptr) Py_RETURN_NONE;
+  try {
+    return fire_site_hook(hook, args[1], args[2]).release().ptr();
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+PyObject* site_hook_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
+  static const char* names[] = {"output", nullptr};
+  int output = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "p:SiteHook", const_cast<char**>(names), &output)) return nullptr;
+  auto* hook = reinterpret_cast<SiteHookObject*>(type->tp_alloc(type, 0));
+  if (hook == nullptr) return nullptr;
+  hook->vectorcall = site_hook_call;
+  hook->run = nullptr;
+  hook->site = -1;
+  hook->output = output != 0;
+  return reinterpret_cast<PyObject*>(hook);
+}
+
+// copy, deepcopy and pickle: an idle hook of the same kind (the copy's module
+// is no model's to run).
+PyObject* site_hook_reduce(PyObject* self, PyObject* /*unused*/) {
+  return Py_BuildValue("(O(O))", reinterpret_cast<PyObject*>(Py_TYPE(self)),
+                       reinterpret_cast<SiteHookObject*>(self)->output ? Py_True : Py_False);
+}
+
+PyObject* site_hook_attached(PyObject* self, void* /*closure*/) {
+  return PyBool_FromLong(reinterpret_cast<SiteHookObject*>(self)->run != nullptr);
+}
+
+PyMethodDef g_site_hook_methods[] = {
+    {"__reduce__", site_hook_reduce, METH_NOARGS, "An idle hook of the same kind."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyGetSetDef g_site_hook_getset[] = {
+    {"attached", site_hook_attached, nullptr, "Whether a run is attached (the hook is not idle).", nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr}};
+
+void register_site_hook(py::module_& m) {
+  PyTypeObject& t = g_site_hook_type;
+  t.tp_name = "fastinterleave._C.SiteHook";
+  t.tp_basicsize = sizeof(SiteHookObject);
+  t.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
+  t.tp_doc = "SiteHook(output): a module hook of the engine (idle until a run attaches to it).";
+  t.tp_new = site_hook_new;
+  t.tp_call = PyVectorcall_Call;
+  t.tp_vectorcall_offset = offsetof(SiteHookObject, vectorcall);
+  t.tp_methods = g_site_hook_methods;
+  t.tp_getset = g_site_hook_getset;
+  if (PyType_Ready(&t) < 0) throw py::error_already_set();
+  Py_INCREF(&t);
+  m.add_object("SiteHook", py::handle(reinterpret_cast<PyObject*>(&t)));
+}
 
 // Attaches `hooks` (one per plan site, in site order) to a run; detach() makes
 // them idle again. The run keeps them alive while attached.
 void attach(const std::shared_ptr<PyRun>& run, py::list hooks) {
   if (!run->attached.empty()) throw std::logic_error("fastinterleave: this run already has hooks");
   for (py::handle h : hooks) {
-    if (h.cast<SiteHook&>().run) {
+    if (as_site_hook(h)->run != nullptr) {
       throw std::logic_error("fastinterleave: a hook is attached to another run (the same model running twice at once)");
     }
   }
   int32_t site = 0;
   for (py::handle h : hooks) {
-    auto& hook = h.cast<SiteHook&>();
-    hook.run = run;
-    hook.site = site++;
+    SiteHookObject* hook = as_site_hook(h);
+    hook->run = run.get();
+    hook->site = site++;
     run->attached.push_back(py::reinterpret_borrow<py::object>(h));
   }
 }
@@ -215,7 +290,7 @@ void attach_graph_sites(const std::shared_ptr<PyRun>& run, py::list hooks) {
 }
 
 void detach(PyRun& run) {
-  for (py::handle h : run.attached) h.cast<SiteHook&>().run.reset();
+  for (py::handle h : run.attached) as_site_hook(h)->run = nullptr;
   run.attached.clear();
 }
 
@@ -460,10 +535,7 @@ void register_engine(py::module_& m) {
 
   m.def("load_plan", [](py::bytes data) { return PyPlan{compile(std::make_shared<Graph>(deserialize_graph(data)))}; });
 
-  py::class_<SiteHook>(m, "SiteHook")
-      .def(py::init([](bool output) { return SiteHook{output}; }), py::arg("output"))
-      .def("__call__", &SiteHook::operator())
-      .def_property_readonly("attached", [](const SiteHook& h) { return static_cast<bool>(h.run); });
+  register_site_hook(m);
 
   py::class_<PyRun, std::shared_ptr<PyRun>>(m, "Run")
       .def(py::init<const PyPlan&, py::list, bool>(), py::arg("plan"), py::arg("fns"), py::arg("allow_fallback") = true)

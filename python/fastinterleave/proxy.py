@@ -64,18 +64,17 @@ def _aten_name(func):
     return name
 
 
-class Proxy:
+class Proxy(_C.ProxyBase):
     """A value of the traced model (or computed from one), known once the trace runs.
 
     Inside the trace every operation records a node. After the trace, ``.value``
     holds saved values, and operations evaluate at once on the value.
+
+    ``Proxy(graph, node)``: the C base keeps ``_graph`` and ``_node`` (read-only),
+    made without a Python frame per proxy.
     """
 
-    __slots__ = ("_graph", "_node", "__weakref__")
-
-    def __init__(self, graph, node):
-        self._graph = graph
-        self._node = node
+    __slots__ = ()
 
     # -- values ----------------------------------------------------------------
 
