@@ -363,9 +363,9 @@ py::tuple run_trace(py::list nodes, py::list sites, py::list invokers, int64_t b
     run->run().end();
   }
   py::dict values;
-  for (py::handle h : saved) {
+  for (py::handle h : saved) {  // (a node saved twice has one entry)
     const auto node = h.cast<int32_t>();
-    if (run->run().has_value(node)) values[h] = run->value(node);
+    if (run->run().has_value(node) && !values.contains(h)) values[h] = run->value(node);
   }
   return py::make_tuple(plan_capsule(plan.plan), std::move(output), std::move(values));
 }

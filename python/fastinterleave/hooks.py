@@ -17,31 +17,30 @@ from .graph import OUTPUT
 class ModelHooks:
     """The installed hooks of one wrapped model: ``(path, kind) -> (module, SiteHook, handle)``."""
 
-    __slots__ = ("_installed", "_sites", "_hooks", "_busy", "_finalizer", "__weakref__")
+    __slots__ = ("_installed", "_sites", "_hooks", "busy", "_finalizer", "__weakref__")
 
     def __init__(self, owner):
         self._installed = {}
         self._sites = None  # the sites of the last run, in plan order
         self._hooks = []  # their hooks, in the same order
-        self._busy = False  # a run is attached
+        self.busy = False  # a run uses the hooks (acquire() sets it; the caller clears it after the run)
         # Removed with the wrapper (`owner` is shared by its edit copies).
         self._finalizer = weakref.finalize(owner, _remove_all, self._installed)
 
     def acquire(self, sites, module_at):
-        """The hooks on `sites` ([(path, kind)], one per site, in order) for one run,
-        installing missing ones and removing those of other sites, and what to call
-        once the run is over (its hooks idle again)."""
-        if self._busy:
+        """``(hooks, remove)``: the hooks on `sites` ([(path, kind)], one per site, in
+        order) for one run. Usually the installed ones (missing ones installed, those
+        of other sites removed), with `remove` None: `busy` is then set, and the
+        caller clears it once the run is over (a plain store, not a call: the hot
+        path). While busy, hooks of the run's own, and `remove` to call after it."""
+        if self.busy:
             # The model is already running a trace (called again from inside one, or
             # from another thread): this run gets hooks of its own, removed after it.
             return _temporary(sites, module_at)
         if sites != self._sites:
             self._install(sites, module_at)
-        self._busy = True
-        return self._hooks, self._released
-
-    def _released(self):
-        self._busy = False
+        self.busy = True
+        return self._hooks, None
 
     def _install(self, sites, module_at):
         installed = self._installed
@@ -63,7 +62,7 @@ class ModelHooks:
     def drop_idle(self):
         """For a trace without sites: removes the idle hooks, as a trace with other
         sites would (none while a run is attached to them)."""
-        if self._installed and not self._busy:
+        if self._installed and not self.busy:
             self.remove()
 
     def remove(self):

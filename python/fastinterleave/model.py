@@ -101,19 +101,22 @@ class NNsight:
     def _execute(self, *args, **kwargs):
         return self._model(*args, **kwargs)
 
-    # Whether ``_execute`` is the one above: a trace then calls the module itself
-    # (one Python call less per trace). Set for each subclass.
+    # Whether ``_execute`` / ``_batch`` are the ones above: a trace then calls the
+    # module itself, and takes a single invoke's inputs as they are (Python calls
+    # fewer per trace). Set for each subclass.
     _plain_execute = True
+    _plain_batch = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         cls._plain_execute = cls._execute is NNsight._execute
+        cls._plain_batch = cls._batch is NNsight._batch
 
     def _batch_invokes(self, inputs):
         """The batched ``(args, kwargs)`` of every invoke's prepared ``(args, kwargs)``:
         ``_batch`` folded over them, or, with the default ``_batch``, one concatenation
         per argument (folding it is O(N^2) in the number of invokes)."""
-        if type(self)._batch is NNsight._batch:
+        if self._plain_batch:
             return inputs[0] if len(inputs) == 1 else batch_all(inputs)
         batched = None
         for args, kwargs in inputs:

@@ -137,13 +137,17 @@ class Tracer:
     # -- the block -------------------------------------------------------------------
 
     def __enter__(self):
+        global _gc_paused, _gc_was_enabled
         root = self._model._envoy
         if root._tracer is not None:
             raise _C.InterventionError("a trace of this model is already open: traces cannot be nested")
         object.__setattr__(root, "_tracer", self)
         _OPEN.append(self)
         patching.patch()
-        _pause_gc()
+        if _gc_paused == 0:  # (_pause_gc, inlined: the hot path)
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_paused += 1
         self._frame = sys._getframe(1)
         if self._implicit is not None:
             try:
@@ -161,9 +165,16 @@ class Tracer:
             patching.unpatch()
 
     def __exit__(self, exc_type, exc, tb):
+        global _gc_paused
         try:
             self._invoker = None  # the implicit invoke ends with the block
-            self._close()
+            object.__setattr__(self._model._envoy, "_tracer", None)  # (_close, inlined: the hot path)
+            if _OPEN and _OPEN[-1] is self:
+                _OPEN.pop()
+                patching.unpatch()
+            elif self in _OPEN:
+                _OPEN.remove(self)
+                patching.unpatch()
             frame, self._frame = self._frame, None
             if exc_type is not None:
                 return False
@@ -178,7 +189,9 @@ class Tracer:
                 _C.inject(frame, self._graph, values)  # (_inject, inlined: the hot path)
             return False
         finally:
-            _resume_gc()
+            _gc_paused -= 1  # (_resume_gc, inlined: the hot path)
+            if _gc_paused == 0 and _gc_was_enabled:
+                gc.enable()
 
     def invoke(self, *inputs, **kwargs):
         """A batch entry: ``with tracer.invoke(x):`` (all invokes run in one forward pass)."""
@@ -251,7 +264,8 @@ class Tracer:
             layout.append((start, inv.batch_size))
             inputs.append(inv.inputs)
             start += inv.batch_size
-        args, kwargs = model._batch_invokes(inputs)
+        # (One invoke with the default batching: its own inputs, without a call.)
+        args, kwargs = inputs[0] if len(inputs) == 1 and model._plain_batch else model._batch_invokes(inputs)
         if self._model_kwargs:
             kwargs = {**kwargs, **self._model_kwargs}
 
@@ -267,19 +281,22 @@ class Tracer:
                 raise annotate(e, graph)
             graph.finish({})
             return
-        saved = sorted(set(graph.saved))
         values = {}
         try:
             # Compiled, run with the model's hooks and ended in one engine call.
-            hooks, released = model._envoy._hooks.acquire(graph.sites, model._module_at)
+            model_hooks = model._envoy._hooks
+            hooks, remove = model_hooks.acquire(graph.sites, model._module_at)
             forward = model._model if model._plain_execute else model._execute
             try:
                 self._plan_handle, self.output, values = _C.run_trace(
-                    graph.nodes, graph.sites, layout, start, saved, graph.lines, graph, graph.fns,
+                    graph.nodes, graph.sites, layout, start, graph.saved, graph.lines, graph, graph.fns,
                     CONFIG.engine.python_fallback, hooks, forward, args, kwargs,
                 )
             finally:
-                released()
+                if remove is None:
+                    model_hooks.busy = False
+                else:
+                    remove()
         except BaseException as e:
             graph.finish(values)
             raise annotate(e, graph)
