@@ -1,9 +1,13 @@
-// Frame injection: after a trace, the caller's local variables that hold saved
-// proxies are replaced by their values (nnsight's CONFIG.APP.FRAME_INJECTION).
+// The caller's frames. Frame injection: after a trace, the caller's local
+// variables that hold saved proxies are replaced by their values (nnsight's
+// CONFIG.APP.FRAME_INJECTION). Lines: each recorded node keeps the user's
+// source line that recorded it, for errors.
 #include "convert.h"
 
 #include <Python.h>
 #include <frameobject.h>
+
+#include <unordered_map>
 
 namespace fastinterleave::python {
 
@@ -71,10 +75,140 @@ PyMethodDef g_inject_def = {
     "inject(frame, graph, values) -> int: replaces the frame's locals holding saved proxies of `graph` by "
     "their values ({node: value}); returns how many."};
 
+// -- the user's source line of each recorded node ------------------------------
+
+// Files whose frames are not the user's (fastinterleave's and torch's): the
+// directory prefixes, and each file's answer once known.
+PyObject* g_skip_dirs = nullptr;  // tuple of str (owned; kept to the end of the process)
+std::unordered_map<PyObject*, bool> g_skip_files;  // filename (kept alive) -> skipped
+
+// "file:line" per (code, instruction offset), for traces recorded again (a loop,
+// a sweep): PyFrame_GetLineNumber decodes the code's line table from its start on
+// every call. The entries keep their code objects (so an address is not reused
+// while its entry lives) and are dropped all at once past a bound.
+struct LocationKey {
+  PyObject* code;
+  int lasti;
+  bool operator==(const LocationKey& o) const { return code == o.code && lasti == o.lasti; }
+};
+struct LocationHash {
+  size_t operator()(const LocationKey& k) const {
+    return std::hash<const void*>()(k.code) ^ (static_cast<size_t>(k.lasti) * 0x9E3779B97F4A7C15ULL);
+  }
+};
+std::unordered_map<LocationKey, PyObject*, LocationHash> g_locations;  // -> str (owned)
+constexpr size_t kMaxLocations = 4096;
+
+void clear_locations() {
+  for (auto& [key, location] : g_locations) {
+    Py_DECREF(key.code);
+    Py_DECREF(location);
+  }
+  g_locations.clear();
+}
+
+bool skipped_file(PyObject* filename) {
+  auto found = g_skip_files.find(filename);
+  if (found != g_skip_files.end()) return found->second;
+  bool skip = false;
+  if (g_skip_dirs != nullptr && PyUnicode_Check(filename)) {
+    const Py_ssize_t n = PyTuple_GET_SIZE(g_skip_dirs);
+    for (Py_ssize_t i = 0; i < n && !skip; ++i) {
+      const Py_ssize_t r = PyUnicode_Tailmatch(filename, PyTuple_GET_ITEM(g_skip_dirs, i), 0, PY_SSIZE_T_MAX, -1);
+      if (r < 0) throw py::error_already_set();
+      skip = r == 1;
+    }
+  }
+  Py_INCREF(filename);
+  g_skip_files.emplace(filename, skip);
+  return skip;
+}
+
+// "file:line" of the first frame outside fastinterleave and torch (borrowed), or
+// null when there is none.
+PyObject* user_location() {
+  PyFrameObject* frame = PyEval_GetFrame();  // borrowed
+  Py_XINCREF(frame);
+  while (frame != nullptr) {
+    PyCodeObject* code = PyFrame_GetCode(frame);
+    bool skip = false;
+    try {
+      skip = skipped_file(code->co_filename);
+    } catch (...) {
+      Py_DECREF(code);
+      Py_DECREF(frame);
+      throw;
+    }
+    if (!skip) {
+      const LocationKey key{reinterpret_cast<PyObject*>(code), PyFrame_GetLasti(frame)};
+      auto found = g_locations.find(key);
+      PyObject* location = nullptr;
+      if (found != g_locations.end()) {
+        location = found->second;
+        Py_DECREF(code);
+      } else {
+        if (g_locations.size() >= kMaxLocations) clear_locations();
+        location = PyUnicode_FromFormat("%U:%d", code->co_filename, PyFrame_GetLineNumber(frame));
+        if (location == nullptr) {
+          Py_DECREF(code);
+          Py_DECREF(frame);
+          throw py::error_already_set();
+        }
+        g_locations.emplace(key, location);  // keeps `code`'s reference
+      }
+      Py_DECREF(frame);
+      return location;
+    }
+    Py_DECREF(code);
+    PyFrameObject* back = PyFrame_GetBack(frame);
+    Py_DECREF(frame);
+    frame = back;
+  }
+  return nullptr;
+}
+
+// line_index(index: dict, lines: list) -> int: the index in `lines` of the user's
+// source line running now (appended when new; `index` maps a line to its index),
+// -1 when no frame is the user's.
+PyObject* line_index_fast(PyObject* /*self*/, PyObject* const* a, Py_ssize_t n) {
+  try {
+    if (n != 2 || !PyDict_Check(a[0]) || !PyList_Check(a[1])) throw py::type_error("line_index(index: dict, lines: list)");
+    PyObject* location = user_location();
+    if (location == nullptr) return PyLong_FromLong(-1);
+    PyObject* index = PyDict_GetItemWithError(a[0], location);
+    if (index != nullptr) return Py_NewRef(index);
+    if (PyErr_Occurred()) throw py::error_already_set();
+    auto fresh = py::reinterpret_steal<py::object>(PyLong_FromSsize_t(PyList_GET_SIZE(a[1])));
+    if (!fresh || PyDict_SetItem(a[0], location, fresh.ptr()) != 0 || PyList_Append(a[1], location) != 0) {
+      throw py::error_already_set();
+    }
+    return fresh.release().ptr();
+  } catch (...) {
+    raise_current();
+  }
+  return nullptr;
+}
+
+PyMethodDef g_line_index_def = {
+    "line_index", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&line_index_fast)), METH_FASTCALL,
+    "line_index(index, lines) -> int: the index in `lines` of the user's source line running now (the first "
+    "frame outside the directories given to set_skipped_dirs), appended when new; -1 when there is none."};
+
+void set_skipped_dirs(py::tuple dirs) {
+  Py_XDECREF(g_skip_dirs);
+  g_skip_dirs = dirs.inc_ref().ptr();
+  for (auto& [filename, skip] : g_skip_files) Py_DECREF(filename);
+  g_skip_files.clear();
+  clear_locations();
+}
+
 }  // namespace
 
 void register_frames(py::module_& m) {
   m.add_object("inject", py::reinterpret_steal<py::object>(PyCFunction_NewEx(&g_inject_def, nullptr, nullptr)));
+  m.add_object("line_index", py::reinterpret_steal<py::object>(PyCFunction_NewEx(&g_line_index_def, nullptr, nullptr)));
+  m.def("set_skipped_dirs", &set_skipped_dirs, py::arg("dirs"),
+        "Directories whose files' frames are not the user's, for line_index (fastinterleave's and torch's).");
 }
 
 }  // namespace fastinterleave::python

@@ -7,7 +7,6 @@ eagerly on their values instead).
 
 import operator
 import os
-import sys
 
 import torch
 
@@ -19,8 +18,10 @@ SITE, SWAP, CALL, GETITEM, SETITEM, GETATTR, STOP, IDENTITY, GRAD, COND, ENDCOND
 OUTPUT, INPUT = 0, 1
 WHOLE, FIRST_ARG = 0, 1
 
-_SKIP_DIRS = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
-_SKIP_FILES = {}  # filename -> whether a recorded line skips it (fastinterleave's and torch's files)
+# A recorded node's line is the first frame outside these directories (the
+# engine's line_index: fastinterleave's and torch's files are not the user's).
+_C.set_skipped_dirs((os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__))))
+_line_index = _C.line_index
 
 RECORDING, DONE, RUNNING = 0, 1, 2
 
@@ -69,7 +70,8 @@ class Graph:
                 _keep_foreign(self, kwargs)
         nodes = self.nodes
         index = len(nodes)
-        nodes.append((op, name, args, kwargs, site, iteration, self.invoker, projection, py_fn, self._line()))
+        line = _line_index(self._line_index, self.lines)  # the user's line recording it (-1: none)
+        nodes.append((op, name, args, kwargs, site, iteration, self.invoker, projection, py_fn, line))
         if self.fake is not None and op != SITE:
             from .scan import fake_eval
 
@@ -90,7 +92,8 @@ class Graph:
             self.sites.append(key)
         nodes = self.nodes
         index = len(nodes)
-        nodes.append((SITE, "", (), None, site, calls, self.invoker, projection, -1, self._line()))
+        line = _line_index(self._line_index, self.lines)
+        nodes.append((SITE, "", (), None, site, calls, self.invoker, projection, -1, line))
         return Proxy(self, index)
 
     def site(self, module_path, kind):
@@ -106,37 +109,6 @@ class Graph:
         if index is None:
             index = self._fn_index[id(fn)] = len(self.fns)
             self.fns.append(fn)
-        return index
-
-    def _line(self):
-        """The index in `lines` of the user's source line running now (the first
-        frame outside fastinterleave and torch), -1 when there is none."""
-        frame = sys._getframe(2)
-        skip = _SKIP_FILES
-        while frame is not None:
-            code = frame.f_code
-            filename = code.co_filename
-            skipped = skip.get(filename)
-            if skipped is None:
-                skipped = skip[filename] = filename.startswith(_SKIP_DIRS)
-            if not skipped:
-                break
-            frame = frame.f_back
-        if frame is None:
-            return -1
-        # The location, cached per (code, instruction): f_lineno decodes the code's
-        # line table from its start on every read.
-        key = (id(code), frame.f_lasti)
-        entry = _LOCATIONS.get(key)
-        if entry is None or entry[0] is not code:
-            if len(_LOCATIONS) >= _MAX_LOCATIONS:
-                _LOCATIONS.clear()
-            entry = _LOCATIONS[key] = (code, f"{filename}:{frame.f_lineno}")
-        location = entry[1]
-        index = self._line_index.get(location)
-        if index is None:
-            index = self._line_index[location] = len(self.lines)
-            self.lines.append(location)
         return index
 
     # -- after the run ---------------------------------------------------------
@@ -209,13 +181,6 @@ class Graph:
         if op == CALL and fn is not None:
             return fn(*args, **kwargs)
         raise _C.InterventionError("this trace has already run: module inputs and outputs can only be read or set inside it")
-
-
-# Graph._line's cache: (id(code), instruction offset) -> (code, "file:line"), for
-# traces recorded again (a loop, a sweep). The code object is kept so its id is
-# not reused while the entry lives.
-_LOCATIONS = {}
-_MAX_LOCATIONS = 4096
 
 
 def map_proxies(obj, fn):
