@@ -100,6 +100,29 @@ def test_model_subclass_hooks(net):
     torch.testing.assert_close(hb, net.layer1(torch.tensor(b) * 2))
 
 
+class Shifted(nnsight.NNsight):
+    """A subclass preparing and batching tensor inputs: a trace of one tensor input
+    must still call both (not read the rows itself, nor take them as they are)."""
+
+    def _prepare_input(self, *inputs, **kwargs):
+        rows = torch.cat([inputs[0], inputs[0]]) + 1
+        return ((rows,), kwargs), rows.shape[0]
+
+    def _batch(self, batched_inputs, *args, **kwargs):
+        rows = args[0] * 2
+        if batched_inputs is None:
+            return (rows,), kwargs
+        return (torch.cat([batched_inputs[0][0], rows]),), kwargs
+
+
+def test_a_subclass_prepare_input_and_batch_are_called_for_one_tensor_input(net, x):
+    model = Shifted(net)
+    with model.trace(x) as tracer:
+        out = model.layer2.output.save()
+    assert tracer._invokers[0].batch_size == 2
+    torch.testing.assert_close(out, net((torch.cat([x, x]) + 1) * 2))
+
+
 def test_default_batch_concatenates_positional_tensors(net):
     model = nnsight.NNsight(net)
     torch.manual_seed(2)

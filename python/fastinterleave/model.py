@@ -101,14 +101,17 @@ class NNsight:
     def _execute(self, *args, **kwargs):
         return self._model(*args, **kwargs)
 
-    # Whether ``_execute`` / ``_batch`` are the ones above: a trace then calls the
-    # module itself, and takes a single invoke's inputs as they are (Python calls
-    # fewer per trace). Set for each subclass.
+    # Whether ``_prepare_input`` / ``_execute`` / ``_batch`` are the ones above: a
+    # trace then reads a tensor input's rows itself, calls the module itself, and
+    # takes a single invoke's inputs as they are (Python calls fewer per trace).
+    # Set for each subclass.
+    _plain_prepare = True
     _plain_execute = True
     _plain_batch = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        cls._plain_prepare = cls._prepare_input is NNsight._prepare_input
         cls._plain_execute = cls._execute is NNsight._execute
         cls._plain_batch = cls._batch is NNsight._batch
 

@@ -68,7 +68,14 @@ class Invoker:
             _keep_foreign(graph, self._raw)
             self.inputs = self._raw
         else:
-            self.inputs, self.batch_size = tracer._model._prepare_input(*inputs, **kwargs)
+            model = tracer._model
+            first = inputs[0] if inputs else None
+            if type(first) is Tensor and model._plain_prepare:
+                # What NNsight._prepare_input gives, without the call (the common case).
+                shape = first.shape
+                self.inputs, self.batch_size = self._raw, shape[0] if shape else 1
+            else:
+                self.inputs, self.batch_size = model._prepare_input(*inputs, **kwargs)
             if tracer._scan:
                 from .scan import scan_model
 
