@@ -99,10 +99,13 @@ class PyRun {
                                        return fallback(n, a, k);
                                      },
                                      allow_fallback}) {}
+  PyRun(const PyRun&) = delete;
+  PyRun& operator=(const PyRun&) = delete;
+  ~PyRun();  // detaches its hooks, should anything have left them attached
 
   Run& run() { return run_; }
 
-  std::vector<py::object> attached;  // the SiteHooks serving this run
+  std::vector<py::object> attached;  // the SiteHooks serving this run (they point at it)
 
   py::object value(int32_t node) {
     c10::IValue v = run_.value(node);
@@ -293,6 +296,8 @@ void detach(PyRun& run) {
   for (py::handle h : run.attached) as_site_hook(h)->run = nullptr;
   run.attached.clear();
 }
+
+PyRun::~PyRun() { detach(*this); }
 
 // A plan handed to Python without a pybind instance (cheaper to make and drop
 // once per trace); `plan_of` wraps it as a Plan when asked for.
