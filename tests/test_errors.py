@@ -1,12 +1,15 @@
 """Errors users can cause: each is clear, names the user's line, and leaves the
 model exactly as it was (no hooks, same outputs), so the next trace works."""
 
+import copy
+import pickle
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 import fastinterleave as nnsight
 from conftest import assert_hooks_idle
@@ -200,6 +203,18 @@ def test_proxy_truth_value_and_iteration_are_clear_errors(model, x):
         with model.trace(x):
             for _ in model.layer1.output:
                 pass
+
+
+def test_copying_a_proxy_is_a_clear_error_and_clone_is_the_way(model, x):
+    with model.trace(x):
+        h = model.layer1.output
+        for copy_ in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match=r"proxy.clone\(\)"):
+                copy_(h)
+        c = h.clone().save()
+        h[:] = 0
+    assert_close(c, model._model.layer1(x))  # the clone kept the value from before the edit
+    assert_hooks_idle(model._model)
 
 
 def test_extension_built_for_another_torch_is_refused(monkeypatch):

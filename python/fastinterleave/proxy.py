@@ -156,6 +156,14 @@ class Proxy(_C.ProxyBase):
                 name = name + "_" if kwargs.pop("inplace") else name
         return graph.add(CALL, name, tuple(args), kwargs or None, fn=func)
 
+    def __reduce_ex__(self, protocol):
+        # copy / deepcopy / pickle: a proxy stands for a value that exists only once
+        # the trace runs.
+        raise TypeError(
+            "a proxy cannot be copied or pickled: inside the trace, record a copy with `proxy.clone()`; "
+            "after it, copy the saved value (`proxy.value`)"
+        )
+
     def __bool__(self):
         raise _C.InterventionError(
             "a proxy has no truth value while the trace is being recorded (its value is computed when the "
