@@ -122,16 +122,17 @@ def test_lines_follow_the_code_when_it_is_recompiled(model, x):
 
 
 def test_lines_stay_right_past_the_bound_of_the_line_cache(model, x):
-    # The cache of recorded locations is bounded (it is dropped whole when full):
-    # more distinct locations than it holds, then the first ones again.
-    sources = [compile("model.layer1.output + 1\n" * 4, f"<cell {i}>", "exec") for i in range(1100)]
+    # The caches of recorded locations and of files are bounded (each dropped whole
+    # when full): more distinct locations and files than they hold, then the first
+    # ones again.
+    sources = [compile("model.layer1.output + 1\n" * 2, f"<cell {i}>", "exec") for i in range(4400)]
     for _ in range(2):
         with model.trace(x) as tracer:
             for code in sources:
                 exec(code, {"model": model})
             graph = tracer._graph
             lines = [graph.lines[node[9]] for node in graph.nodes[1:]]  # after the site (read once)
-        assert lines == [f"<cell {i}>:{k}" for i in range(1100) for k in range(1, 5)]
+        assert lines == [f"<cell {i}>:{k}" for i in range(4400) for k in range(1, 3)]
 
 
 def test_exception_inside_the_model_keeps_its_type_and_cleans_up(model, net, x):

@@ -78,9 +78,10 @@ PyMethodDef g_inject_def = {
 // -- the user's source line of each recorded node ------------------------------
 
 // Files whose frames are not the user's (fastinterleave's and torch's): the
-// directory prefixes, and each file's answer once known.
+// directory prefixes, and each file's answer once known (per filename object,
+// kept alive; dropped all at once past a bound, like the locations below).
 PyObject* g_skip_dirs = nullptr;  // tuple of str (owned; kept to the end of the process)
-std::unordered_map<PyObject*, bool> g_skip_files;  // filename (kept alive) -> skipped
+std::unordered_map<PyObject*, bool> g_skip_files;  // filename -> skipped
 
 // "file:line" per (code, instruction offset), for traces recorded again (a loop,
 // a sweep): PyFrame_GetLineNumber decodes the code's line table from its start on
@@ -97,7 +98,7 @@ struct LocationHash {
   }
 };
 std::unordered_map<LocationKey, PyObject*, LocationHash> g_locations;  // -> str (owned)
-constexpr size_t kMaxLocations = 4096;
+constexpr size_t kMaxEntries = 4096;  // of each cache
 
 void clear_locations() {
   for (auto& [key, location] : g_locations) {
@@ -105,6 +106,11 @@ void clear_locations() {
     Py_DECREF(location);
   }
   g_locations.clear();
+}
+
+void clear_skip_files() {
+  for (auto& [filename, skip] : g_skip_files) Py_DECREF(filename);
+  g_skip_files.clear();
 }
 
 bool skipped_file(PyObject* filename) {
@@ -119,6 +125,7 @@ bool skipped_file(PyObject* filename) {
       skip = r == 1;
     }
   }
+  if (g_skip_files.size() >= kMaxEntries) clear_skip_files();
   Py_INCREF(filename);
   g_skip_files.emplace(filename, skip);
   return skip;
@@ -147,7 +154,7 @@ PyObject* user_location() {
         location = found->second;
         Py_DECREF(code);
       } else {
-        if (g_locations.size() >= kMaxLocations) clear_locations();
+        if (g_locations.size() >= kMaxEntries) clear_locations();
         location = PyUnicode_FromFormat("%U:%d", code->co_filename, PyFrame_GetLineNumber(frame));
         if (location == nullptr) {
           Py_DECREF(code);
@@ -197,8 +204,7 @@ PyMethodDef g_line_index_def = {
 void set_skipped_dirs(py::tuple dirs) {
   Py_XDECREF(g_skip_dirs);
   g_skip_dirs = dirs.inc_ref().ptr();
-  for (auto& [filename, skip] : g_skip_files) Py_DECREF(filename);
-  g_skip_files.clear();
+  clear_skip_files();
   clear_locations();
 }
 
