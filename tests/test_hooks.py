@@ -83,8 +83,9 @@ def test_idle_hooks_change_nothing(net, x):
 
 
 def test_a_traced_model_can_be_copied_and_pickled(net, x):
-    # The idle hooks left on the modules must not stop copy.deepcopy / torch.save
-    # of the model; a copy carries an idle hook of the same kind and computes the same.
+    # The idle hooks left on the modules must not stop copy.deepcopy / pickle /
+    # torch.save of the model; a copy carries idle hooks of its own where the
+    # original has them, and computes the same.
     model = nnsight.NNsight(net)
     with model.trace(x):
         model.layer1.output[:] = 0
