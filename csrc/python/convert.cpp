@@ -178,6 +178,10 @@ void set_proxy_type(py::handle type) {
   g_node_offset = type ? slot_offset(type, "_node") : -1;
 }
 
+void add_fast_function(py::module_& m, PyMethodDef* def) {
+  m.add_object(def->ml_name, py::reinterpret_steal<py::object>(PyCFunction_NewEx(def, nullptr, nullptr)));
+}
+
 PyObject* node_of_proxy(PyObject* obj, PyObject* graph) {
   if (g_proxy_type == nullptr || !PyObject_TypeCheck(obj, reinterpret_cast<PyTypeObject*>(g_proxy_type))) return nullptr;
   if (g_graph_offset >= 0 && g_node_offset >= 0) {

@@ -39,4 +39,27 @@ PyObject* node_of_proxy(PyObject* obj, PyObject* graph);
 void raise_current();
 py::object arg_to_python(const Arg& resolved);
 
+// Functions called once per trace or per node, without the pybind11
+// dispatcher's per-call work: `Body(args, nargs)` returns the result or throws,
+// and its errors are raised as pybind11 would raise them.
+using FastBody = py::object (*)(PyObject* const* args, Py_ssize_t nargs);
+
+template <FastBody Body>
+PyObject* fast_call(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  try {
+    return Body(args, nargs).release().ptr();
+  } catch (...) {
+    raise_current();
+    return nullptr;
+  }
+}
+
+template <FastBody Body>
+PyMethodDef fast_function(const char* name, const char* doc) {
+  return {name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_call<Body>)), METH_FASTCALL, doc};
+}
+
+// Adds `def` (static: it must outlive the module) to `m`.
+void add_fast_function(py::module_& m, PyMethodDef* def);
+
 }  // namespace fastinterleave::python

@@ -58,22 +58,16 @@ int inject(py::handle frame, py::handle graph, py::dict values) {
   return static_cast<int>(writes.size());
 }
 
-// inject(frame, graph, values), called after every trace: without the pybind11
-// dispatcher's per-call work.
-PyObject* inject_fast(PyObject* /*self*/, PyObject* const* a, Py_ssize_t n) {
-  try {
-    if (n != 3 || !PyDict_Check(a[2])) throw py::type_error("inject(frame, graph, values: dict)");
-    return PyLong_FromLong(inject(a[0], a[1], py::reinterpret_borrow<py::dict>(a[2])));
-  } catch (...) {
-    raise_current();
-  }
-  return nullptr;
+// inject(frame, graph, values), called after every trace.
+py::object inject_call(PyObject* const* a, Py_ssize_t n) {
+  if (n != 3 || !PyDict_Check(a[2])) throw py::type_error("inject(frame, graph, values: dict)");
+  return py::int_(inject(a[0], a[1], py::reinterpret_borrow<py::dict>(a[2])));
 }
 
-PyMethodDef g_inject_def = {
-    "inject", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&inject_fast)), METH_FASTCALL,
+PyMethodDef g_inject_def = fast_function<inject_call>(
+    "inject",
     "inject(frame, graph, values) -> int: replaces the frame's locals holding saved proxies of `graph` by "
-    "their values ({node: value}); returns how many."};
+    "their values ({node: value}); returns how many.");
 
 // -- the user's source line of each recorded node ------------------------------
 
@@ -177,29 +171,24 @@ PyObject* user_location() {
 // line_index(index: dict, lines: list) -> int: the index in `lines` of the user's
 // source line running now (appended when new; `index` maps a line to its index),
 // -1 when no frame is the user's.
-PyObject* line_index_fast(PyObject* /*self*/, PyObject* const* a, Py_ssize_t n) {
-  try {
-    if (n != 2 || !PyDict_Check(a[0]) || !PyList_Check(a[1])) throw py::type_error("line_index(index: dict, lines: list)");
-    PyObject* location = user_location();
-    if (location == nullptr) return PyLong_FromLong(-1);
-    PyObject* index = PyDict_GetItemWithError(a[0], location);
-    if (index != nullptr) return Py_NewRef(index);
-    if (PyErr_Occurred()) throw py::error_already_set();
-    auto fresh = py::reinterpret_steal<py::object>(PyLong_FromSsize_t(PyList_GET_SIZE(a[1])));
-    if (!fresh || PyDict_SetItem(a[0], location, fresh.ptr()) != 0 || PyList_Append(a[1], location) != 0) {
-      throw py::error_already_set();
-    }
-    return fresh.release().ptr();
-  } catch (...) {
-    raise_current();
+py::object line_index_call(PyObject* const* a, Py_ssize_t n) {
+  if (n != 2 || !PyDict_Check(a[0]) || !PyList_Check(a[1])) throw py::type_error("line_index(index: dict, lines: list)");
+  PyObject* location = user_location();
+  if (location == nullptr) return py::int_(-1);
+  PyObject* index = PyDict_GetItemWithError(a[0], location);
+  if (index != nullptr) return py::reinterpret_borrow<py::object>(index);
+  if (PyErr_Occurred()) throw py::error_already_set();
+  py::int_ fresh(PyList_GET_SIZE(a[1]));
+  if (PyDict_SetItem(a[0], location, fresh.ptr()) != 0 || PyList_Append(a[1], location) != 0) {
+    throw py::error_already_set();
   }
-  return nullptr;
+  return std::move(fresh);
 }
 
-PyMethodDef g_line_index_def = {
-    "line_index", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&line_index_fast)), METH_FASTCALL,
+PyMethodDef g_line_index_def = fast_function<line_index_call>(
+    "line_index",
     "line_index(index, lines) -> int: the index in `lines` of the user's source line running now (the first "
-    "frame outside the directories given to set_skipped_dirs), appended when new; -1 when there is none."};
+    "frame outside the directories given to set_skipped_dirs), appended when new; -1 when there is none.");
 
 void set_skipped_dirs(py::tuple dirs) {
   Py_XDECREF(g_skip_dirs);
@@ -211,8 +200,8 @@ void set_skipped_dirs(py::tuple dirs) {
 }  // namespace
 
 void register_frames(py::module_& m) {
-  m.add_object("inject", py::reinterpret_steal<py::object>(PyCFunction_NewEx(&g_inject_def, nullptr, nullptr)));
-  m.add_object("line_index", py::reinterpret_steal<py::object>(PyCFunction_NewEx(&g_line_index_def, nullptr, nullptr)));
+  add_fast_function(m, &g_inject_def);
+  add_fast_function(m, &g_line_index_def);
   m.def("set_skipped_dirs", &set_skipped_dirs, py::arg("dirs"),
         "Directories whose files' frames are not the user's, for line_index (fastinterleave's and torch's).");
 }

@@ -455,31 +455,24 @@ void translate(std::exception_ptr p) {
 
 // run_trace, called once per trace: positional arguments only, without the
 // dispatcher's overload and argument-caster work.
-PyObject* run_trace_fast(PyObject* /*self*/, PyObject* const* a, Py_ssize_t n) {
-  try {
-    if (n != 13) throw py::type_error("run_trace takes 13 positional arguments");
-    auto list = [&](int i) {
-      if (!PyList_Check(a[i])) throw py::type_error("run_trace: argument " + std::to_string(i) + " must be a list");
-      return py::reinterpret_borrow<py::list>(a[i]);
-    };
-    const long batch_size = PyLong_AsLong(a[3]);
-    if (batch_size == -1 && PyErr_Occurred()) throw py::error_already_set();
-    const int fallback = PyObject_IsTrue(a[8]);
-    if (fallback < 0) throw py::error_already_set();
-    return run_trace(list(0), list(1), list(2), batch_size, list(4), list(5), a[6], list(7), fallback != 0, list(9),
-                     a[10], a[11], a[12])
-        .release()
-        .ptr();
-  } catch (...) {
-    raise_current();
-    return nullptr;
-  }
+py::object run_trace_call(PyObject* const* a, Py_ssize_t n) {
+  if (n != 13) throw py::type_error("run_trace takes 13 positional arguments");
+  auto list = [&](int i) {
+    if (!PyList_Check(a[i])) throw py::type_error("run_trace: argument " + std::to_string(i) + " must be a list");
+    return py::reinterpret_borrow<py::list>(a[i]);
+  };
+  const long batch_size = PyLong_AsLong(a[3]);
+  if (batch_size == -1 && PyErr_Occurred()) throw py::error_already_set();
+  const int fallback = PyObject_IsTrue(a[8]);
+  if (fallback < 0) throw py::error_already_set();
+  return run_trace(list(0), list(1), list(2), batch_size, list(4), list(5), a[6], list(7), fallback != 0, list(9),
+                   a[10], a[11], a[12]);
 }
 
-PyMethodDef g_run_trace_def = {
-    "run_trace", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&run_trace_fast)), METH_FASTCALL,
+PyMethodDef g_run_trace_def = fast_function<run_trace_call>(
+    "run_trace",
     "run_trace(nodes, sites, invokers, batch_size, saved, lines, token, fns, allow_fallback, hooks, forward, args, "
-    "kwargs) -> (plan, output, values): compiles a recorded graph and runs it with one forward call."};
+    "kwargs) -> (plan, output, values): compiles a recorded graph and runs it with one forward call.");
 
 }  // namespace
 
@@ -535,7 +528,7 @@ void register_engine(py::module_& m) {
       py::arg("nodes"), py::arg("sites"), py::arg("invokers"), py::arg("batch_size"), py::arg("saved"),
       py::arg("lines"), py::arg("token"));
 
-  m.add_object("run_trace", py::reinterpret_steal<py::object>(PyCFunction_NewEx(&g_run_trace_def, nullptr, nullptr)));
+  add_fast_function(m, &g_run_trace_def);
   m.def("plan_of", &plan_of, py::arg("handle"));
 
   m.def("load_plan", [](py::bytes data) { return PyPlan{compile(std::make_shared<Graph>(deserialize_graph(data)))}; });

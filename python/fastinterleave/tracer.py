@@ -151,7 +151,7 @@ class Tracer:
         object.__setattr__(root, "_tracer", self)
         _OPEN.append(self)
         patching.patch()
-        if _gc_paused == 0:  # (_pause_gc, inlined: the hot path)
+        if _gc_paused == 0:  # the collector paused (see _gc_paused below)
             _gc_was_enabled = gc.isenabled()
             gc.disable()
         _gc_paused += 1
@@ -403,17 +403,11 @@ class EditTracer(Tracer):
 # (nodes, proxies, argument tuples) that live until it ends, and young-generation
 # collections kept scanning them, then promoting them, which brings on full
 # collections of every object of the process (torch and transformers hold
-# hundreds of thousands). Collection resumes, as it was, when the trace exits.
+# hundreds of thousands). Tracer.__enter__ pauses it (its `with` block is the
+# only way in); it resumes, as it was, when the trace exits (_resume_gc, or
+# inline in Tracer.__exit__).
 _gc_paused = 0
 _gc_was_enabled = False
-
-
-def _pause_gc():
-    global _gc_paused, _gc_was_enabled
-    if _gc_paused == 0:
-        _gc_was_enabled = gc.isenabled()
-        gc.disable()
-    _gc_paused += 1
 
 
 def _resume_gc():
