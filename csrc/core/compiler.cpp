@@ -30,6 +30,8 @@ std::shared_ptr<const Plan> compile(std::shared_ptr<const Graph> graph) {
   plan->ops.assign(n, nullptr);
   plan->after_grad.assign(n, 0);
   plan->branch_end.assign(n, -1);
+  plan->enclosing_cond.assign(n, -1);
+  plan->last_alias_read.assign(n, -1);
   std::vector<int32_t> open_conds;
 
   std::vector<int32_t> graph_site_to_plan(graph->sites.size(), -1);
@@ -42,6 +44,10 @@ std::shared_ptr<const Plan> compile(std::shared_ptr<const Graph> graph) {
     refs.clear();
     for (const auto& a : node.args) collect_refs(a, refs);
     for (const auto& kw : node.kwargs) collect_refs(kw.second, refs);
+    if (!open_conds.empty()) {
+      plan->enclosing_cond[i] = open_conds.back();
+      if (node.op != Op::Site) refs.push_back(open_conds.back());
+    }
     std::sort(refs.begin(), refs.end());
     refs.erase(std::unique(refs.begin(), refs.end()), refs.end());
     plan->deps_begin.push_back(static_cast<int32_t>(plan->deps.size()));
@@ -50,6 +56,8 @@ std::shared_ptr<const Plan> compile(std::shared_ptr<const Graph> graph) {
       plan->use_count[static_cast<size_t>(r)] += 1;
       const auto& dep = nodes[static_cast<size_t>(r)];
       if (dep.op == Op::Grad || plan->after_grad[static_cast<size_t>(r)]) plan->after_grad[i] = 1;
+      const int32_t root = plan->alias_root[static_cast<size_t>(r)];
+      if (root >= 0) plan->last_alias_read[static_cast<size_t>(root)] = static_cast<int32_t>(i);
     }
 
     switch (node.op) {

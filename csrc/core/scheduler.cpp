@@ -51,6 +51,7 @@ Run::Run(std::shared_ptr<const Plan> plan, Options options)
   armed_.assign(n, 0);
   in_progress_.assign(n, 0);
   skipped_.assign(n, 0);
+  on_demand_seen_.assign(n, 0);
   calls_.assign(plan_->sites.size(), 0);
   cursor_.assign(plan_->sites.size(), 0);
 }
@@ -181,7 +182,7 @@ void Run::execute_from(int32_t first) {
     }
     // Gradient readers wait for the backward pass; they do not block the walk.
     if (plan_->after_grad[static_cast<size_t>(j)] && grad_depth_ == 0) continue;
-    if (!deps_done(j)) return;
+    if (!deps_done(j) && !run_on_demand(j)) return;
     // What reads a value of a branch not taken is not taken either.
     if (reads_skipped(j)) {
       skip(j);
@@ -204,15 +205,57 @@ void Run::execute_from(int32_t first) {
       if (recording_body_ >= 0) bodies_[recording_body_].push_back(j);
       consume(j);
       if (!runs) {
+        // Site nodes of the branch may be bound already (their module ran
+        // before the condition was known): they are not taken either.
         const int32_t end = plan_->branch_end[static_cast<size_t>(j)];
         for (int32_t k = j + 1; k <= end; ++k) {
-          if (!done_[static_cast<size_t>(k)]) skip(k);
+          if (!done_[static_cast<size_t>(k)] || graph_.nodes[static_cast<size_t>(k)].op == Op::Site) skip(k);
         }
       }
       continue;
     }
     execute(j);
   }
+}
+
+// On-demand values: the undone inputs of `node` that are plain computations
+// (no site access, no write, no gradient, not in a branch still undecided),
+// whose own inputs are there or are such computations in turn, run now, in
+// recording order. An earlier walk stopped before them at a site that has not
+// fired, but nothing they compute waits for it. Returns whether every input of
+// `node` is then done; runs nothing when some input cannot be had yet.
+bool Run::run_on_demand(int32_t node) {
+  std::vector<int32_t> needed;
+  std::vector<int32_t> stack{node};
+  std::vector<uint8_t>& seen = on_demand_seen_;  // all 0 between calls
+  struct Unsee {
+    std::vector<uint8_t>& seen;
+    const std::vector<int32_t>& nodes;
+    ~Unsee() {
+      for (const int32_t d : nodes) seen[static_cast<size_t>(d)] = 0;
+    }
+  } unsee{seen, needed};
+  while (!stack.empty()) {
+    const auto k = static_cast<size_t>(stack.back());
+    stack.pop_back();
+    for (auto e = plan_->deps_begin[k]; e < plan_->deps_begin[k + 1]; ++e) {
+      const int32_t d = plan_->deps[static_cast<size_t>(e)];
+      const auto di = static_cast<size_t>(d);
+      if (done_[di] || seen[di]) continue;
+      const Op op = graph_.nodes[di].op;
+      const bool computation = op == Op::Call || op == Op::GetItem || op == Op::GetAttr || op == Op::Identity;
+      if (!computation || plan_->inplace[di] || plan_->after_grad[di] || in_progress_[di]) return false;
+      seen[di] = 1;
+      needed.push_back(d);
+      stack.push_back(d);
+    }
+  }
+  std::sort(needed.begin(), needed.end());  // inputs are recorded before their readers
+  for (const int32_t d : needed) {
+    if (reads_skipped(d)) skip(d);
+    else execute(d);
+  }
+  return true;
 }
 
 IValue Run::materialize(Slot& slot) {
@@ -249,6 +292,9 @@ void Run::check_window(int32_t node) {
   if (nd.args.empty() || nd.args[0].kind != Arg::Kind::Ref) return;
   const int32_t root = nd.op == Op::Swap ? nd.args[0].ref : plan_->alias_root[static_cast<size_t>(nd.args[0].ref)];
   if (root < 0 || window_open_[static_cast<size_t>(root)]) return;
+  // Too late for the module, but a node recorded after the edit reads the
+  // edited value: the edit runs, and that reader sees it.
+  if (nd.op != Op::Swap && plan_->last_alias_read[static_cast<size_t>(root)] > node) return;
   const SiteKey& key = graph_.sites[static_cast<size_t>(graph_.nodes[static_cast<size_t>(root)].site)];
   std::string what = (key.module.empty() ? std::string("the model") : key.module) +
                      (key.kind == HookKind::Output ? " output" : " input");

@@ -179,6 +179,44 @@ void test_out_of_order_and_ineffective_edit() {
   }
 }
 
+// Invoke 0 reads l1 and then l2; invoke 1 writes into its l1 a value computed
+// from invoke 0's l1. The walk after invoke 0's l1 stops at its l2 read, before
+// the computation; invoke 1's edit needs it while l1 fires: it runs on demand.
+void test_on_demand_values() {
+  auto g = two_sites();
+  g->batch_size = 2;
+  g->invokers = {InvokerSlice{0, 1}, InvokerSlice{1, 1}};
+  g->nodes.push_back(site(0, 0));                                           // 0: h (clean l1)
+  g->nodes.push_back(site(1, 0));                                           // 1: clean l2
+  Node pick;
+  pick.op = Op::GetItem;
+  pick.args = {ref(0), Arg::make_seq(Arg::Kind::Tuple, {slice_all(), c(IValue(int64_t{0}))})};
+  pick.invoker = 1;
+  g->nodes.push_back(pick);                                                 // 2: h[:, 0]
+  Node scaled = call("mul", {ref(2), c(IValue(10.0))});
+  scaled.invoker = 1;
+  g->nodes.push_back(scaled);                                               // 3: h[:, 0] * 10
+  g->nodes.push_back(site(0, 1));                                           // 4: corrupted l1
+  Node set;
+  set.op = Op::SetItem;
+  set.args = {ref(4), Arg::make_seq(Arg::Kind::Tuple, {slice_all(), c(IValue(int64_t{0}))}), ref(3)};
+  set.invoker = 1;
+  g->nodes.push_back(set);                                                  // 5: l1[:, 0] = ...
+  auto plan = compile(g);
+  Run run(plan, {});
+  run.begin();
+  at::Tensor h = at::arange(6, at::kFloat).reshape({2, 3}) + 1;
+  const at::Tensor before = h.clone();
+  IValue v(h);
+  run.fire(plan_site(*plan, "l1"), v);
+  expect(h[1][0].item<float>() == before[0][0].item<float>() * 10, "the patch computed on demand landed in row 1");
+  expect_close(h[0], before[0], "row 0 is untouched");
+  expect_close(h[1].slice(0, 1), before[1].slice(0, 1), "only column 0 of row 1 is written");
+  IValue v2(at::ones({2, 2}));
+  run.fire(plan_site(*plan, "l2"), v2);
+  run.end();
+}
+
 void test_never_fired() {
   auto g = two_sites();
   Node n = site(1, 0, 2);  // third call of l2
@@ -340,6 +378,7 @@ int main() {
   test_inplace_edit_lands();
   test_swap_and_read_after();
   test_out_of_order_and_ineffective_edit();
+  test_on_demand_values();
   test_never_fired();
   test_batch_slices();
   test_joined_row_writes();

@@ -29,11 +29,19 @@ struct Plan {
   std::vector<int32_t> use_count;       // how many nodes read each node's value
   std::vector<uint8_t> keep;            // saved: never freed
   std::vector<int32_t> alias_root;      // the Site node whose value this node may share storage with, or -1
+  // Site nodes: the last node reading this site's value or a view of it (-1:
+  // none). An edit that runs after the module used the value is dead only when
+  // no node recorded after the edit reads it.
+  std::vector<int32_t> last_alias_read;
   std::vector<uint8_t> inplace;         // writes into its first argument (or, for Swap, its site)
   std::vector<const OpCandidates*> ops; // Call nodes: resolved ATen overloads, or nullptr
   std::vector<int32_t> stops;           // Stop nodes
   std::vector<uint8_t> after_grad;      // reads a gradient: waits for a backward pass
   std::vector<int32_t> branch_end;      // Cond nodes: index of their EndCond
+  // The innermost Cond whose branch holds the node, or -1. Every node of a
+  // branch but its Site nodes reads that Cond (a dependency): it runs only once
+  // the condition is known, and not at all in a branch not taken.
+  std::vector<int32_t> enclosing_cond;
 
   size_t size() const { return use_count.size(); }
 };

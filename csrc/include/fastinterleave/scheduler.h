@@ -134,6 +134,7 @@ class Run {
   int32_t next_undone(int32_t i);
   void reset_body(int32_t node);
   bool deps_done(int32_t node) const;
+  bool run_on_demand(int32_t node);
   bool reads_skipped(int32_t node) const;
   void skip(int32_t node);
   bool branch_taken(int32_t node);
@@ -170,6 +171,7 @@ class Run {
   std::vector<uint8_t> armed_;         // Grad nodes: hook registered
   std::vector<uint8_t> in_progress_;   // nodes executing now (nested by backward hooks)
   std::vector<uint8_t> skipped_;       // done without running: a branch not taken, or reads such a node
+  std::vector<uint8_t> on_demand_seen_; // run_on_demand's scratch
   std::vector<GradHook> grad_hooks_;
   int32_t grad_depth_ = 0;             // > 0: inside a backward hook, gradient readers may run
   int32_t firing_node_ = -1;           // the Site node whose hook is running
