@@ -285,7 +285,14 @@ std::optional<IValue> call_op(const OpCandidates& op, const std::vector<IValue>&
     if (!bind_schema(schema, args, kwargs, stack)) continue;
     overload->getOperation()(stack);
     const size_t n = schema.returns().size();
-    if (n == 1) return std::move(stack.back());
+    if (n == 1) {
+      // Tensor[] results (split, chunk, unbind) are tuples, as in Python.
+      if (stack.back().isTensorList()) {
+        const auto list = stack.back().toTensorVector();
+        return IValue(c10::ivalue::Tuple::create(std::vector<IValue>(list.begin(), list.end())));
+      }
+      return std::move(stack.back());
+    }
     if (n == 0) return IValue();
     std::vector<IValue> outs(std::make_move_iterator(stack.end() - static_cast<std::ptrdiff_t>(n)),
                              std::make_move_iterator(stack.end()));
@@ -624,7 +631,11 @@ void write_view(const at::Tensor& view, const IValue& item) {
   } else if (item.toTensor().dim() == 0) {
     view.fill_(item.toTensor());
   } else {
-    view.copy_(strip_leading_ones(item.toTensor(), view.dim()));
+    at::Tensor src = strip_leading_ones(item.toTensor(), view.dim());
+    // `h[:] = h[0]`: the source is part of what is written; Python's setitem
+    // allows it, copy_ does not.
+    if (at::get_overlap_status(view, src) != at::MemOverlapStatus::No) src = src.clone();
+    view.copy_(src);
   }
 }
 
@@ -822,7 +833,11 @@ bool is_view_op(Op op, const std::string& name) {
     case Op::Identity:
       return true;
     case Op::GetAttr:
-      return name == "T" || name == "mT" || name == "data" || name == "real" || name == "imag";
+      // A field of a record (`out.last_hidden_state`) is the same tensor, and so
+      // are a tensor's T / mT / data / real / imag; these attributes are not.
+      return !(name == "shape" || name == "dtype" || name == "device" || name == "ndim" || name == "is_cuda" ||
+               name == "requires_grad" || name == "grad" || name == "grad_fn" || name == "layout" ||
+               name == "is_leaf");
     case Op::Call: {
       static const std::unordered_set<std::string> views = {
           "view", "view_as", "reshape", "reshape_as", "narrow", "select", "slice", "transpose", "t",

@@ -7,6 +7,7 @@
 #include <torch/csrc/Device.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/DynamicTypes.h>
+#include <torch/csrc/Size.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 namespace fastinterleave::python {
@@ -57,6 +58,31 @@ bool all_str_keys(py::handle dict) {
   return true;
 }
 
+// A @dataclass instance (not a class) whose fields all go to __init__: its
+// fields by name, so it can be rebuilt as cls(**fields); else None.
+std::optional<c10::impl::GenericDict> dataclass_fields(py::handle obj) {
+  static PyObject* const s_fields = PyUnicode_InternFromString("__dataclass_fields__");
+  PyObject* type = reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr()));
+  if (PyType_Check(obj.ptr())) return std::nullopt;
+  auto fields = py::reinterpret_steal<py::object>(PyObject_GetAttr(type, s_fields));
+  if (!fields) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  if (!PyDict_Check(fields.ptr())) return std::nullopt;
+  static PyObject* const field_kind = py::object(py::module_::import("dataclasses").attr("_FIELD")).release().ptr();
+  c10::impl::GenericDict d(c10::StringType::get(), c10::AnyType::get());
+  PyObject *key, *field;
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(fields.ptr(), &pos, &key, &field)) {
+    py::handle f(field);
+    if (py::object(f.attr("_field_type")).ptr() != field_kind) continue;  // ClassVar / InitVar pseudo-fields
+    if (!py::cast<bool>(f.attr("init"))) return std::nullopt;
+    d.insert(py::cast<std::string>(key), to_ivalue(obj.attr(key)));
+  }
+  return d;
+}
+
 c10::impl::GenericDict to_dict(py::handle obj) {
   c10::impl::GenericDict d(c10::StringType::get(), c10::AnyType::get());
   PyObject *key, *value;
@@ -103,6 +129,13 @@ IValue to_ivalue(py::handle obj) {
     auto cls = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(Py_TYPE(p)));
     return make_record(to_dict(obj), c10::make_intrusive<PyObjectHolder>(std::move(cls)));
   }
+  // torch.Size: a list of ints inside, a torch.Size again in Python (to_python).
+  if (THPSize_Check(p)) return IValue(c10::List<int64_t>(py::cast<std::vector<int64_t>>(obj)));
+  // @dataclass outputs are records like ModelOutputs: sliced per invoke, rebuilt after.
+  if (auto fields = dataclass_fields(obj)) {
+    auto cls = py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(Py_TYPE(p)));
+    return make_record(std::move(*fields), c10::make_intrusive<PyObjectHolder>(std::move(cls)));
+  }
   return opaque(obj);
 }
 
@@ -135,6 +168,14 @@ py::object to_python(const IValue& v, py::handle like) {
       return cls(out);                                                  // torch.Size and friends
     }
     return std::move(out);
+  }
+  if (v.isIntList() && !(like && PyList_Check(like.ptr()))) {
+    // Sizes (`p.shape`, `p.size()`) are int lists in the engine and torch.Size in Python.
+    py::tuple sizes(v.toListRef().size());
+    size_t i = 0;
+    for (const auto& x : v.toListRef()) sizes[i++] = py::int_(x.toInt());
+    return py::reinterpret_steal<py::object>(
+        PyObject_CallOneArg(reinterpret_cast<PyObject*>(&THPSizeType), sizes.ptr()));
   }
   if (v.isList()) {
     py::list out;
