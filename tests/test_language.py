@@ -112,14 +112,18 @@ def plain_logits(net, **inputs):
 
 
 def solo_logits_at(net, tok, prompt, length, device):
-    """Logits of `prompt` run alone (no padding tokens at all), at the positions its tokens
-    take in a batch padded to `length`: GPT-2 numbers positions 0..length-1 whatever the
-    mask, so a left-padded row's tokens sit at positions pad..length-1."""
-    enc = encode(tok, prompt, device)
-    n = enc["input_ids"].shape[1]
-    start = length - n if tok.padding_side == "left" else 0
-    positions = torch.arange(start, start + n, device=device)[None]
-    return plain_logits(net, **enc, position_ids=positions)
+    """Logits of `prompt` run alone (no padding tokens at all): what its row gives in a
+    batch of invokes padded to `length` (LanguageModel gives a row that batching pads on the
+    left the positions of its solo run)."""
+    return plain_logits(net, **encode(tok, prompt, device))
+
+
+def invoke_positions(lengths, device="cpu"):
+    """The position ids a batch of invokes padded on the left to the longest runs with:
+    each row numbered as in its invoke's solo run (0, 1, ... over the invoke's own length),
+    the padding batching adds 0 (one length per row: its invoke's)."""
+    total = max(lengths)
+    return torch.tensor([[0] * (total - n) + list(range(n)) for n in lengths], device=device)
 
 
 def real(tok, tensor, n):
@@ -265,10 +269,13 @@ def test_invokes_of_different_lengths_keep_their_masks(net, device, padding_side
     assert [len(inv.inputs[0][0]["input_ids"]) for inv in tracer._invokers] == [1, 2, 1]
     rows = [h for head in heads for h in head.value]  # proxies in a list are not injected
     assert len(rows) == 4 and all(r.shape[0] == length for r in rows)
-    for prompt, row in zip(flat, rows):
-        n = len(tok(prompt)["input_ids"])
-        expected = solo_logits_at(net, tok, prompt, length, device)[0]
-        assert_close(real(tok, row, n), expected, **TOL)
+    # Each invoke gives what it gives alone: its own tokenization (padded within the invoke).
+    solo = []
+    for group in groups:
+        enc = {k: v.to(device) for k, v in tok(group, return_tensors="pt", padding=True).items()}
+        solo.extend(plain_logits(net, **enc))
+    for row, expected in zip(rows, solo):
+        assert_close(real(tok, row, expected.shape[0]), expected, **TOL)
     # The last invoke's view of the root inputs: its own row, padded to the batch.
     assert torch.equal(inputs[1]["input_ids"].cpu(), ids[3:])
     assert torch.equal(inputs[1]["attention_mask"].cpu(), mask[3:])
@@ -328,10 +335,11 @@ def test_patch_between_invokes(net, tok, device, hooks):
         h = o[0] if tuple_out else o
         h[1, -1, :] = h[0, -1, :]
 
+    positions = invoke_positions([len(tok(p)["input_ids"]) for p in prompts], device)
     hooks.output(net.transformer.h[0], patch)
-    expected = plain_logits(net, input_ids=ids, attention_mask=mask)
+    expected = plain_logits(net, input_ids=ids, attention_mask=mask, position_ids=positions)
     hooks.remove()
-    unpatched = plain_logits(net, input_ids=ids, attention_mask=mask)
+    unpatched = plain_logits(net, input_ids=ids, attention_mask=mask, position_ids=positions)
 
     model = LanguageModel(net, tokenizer=tok)
     with model.trace() as tracer:
@@ -358,8 +366,9 @@ def test_swap_in_one_invoke_leaves_the_other(net, tok, device, hooks):
         o[1] = 0
         return o
 
+    positions = invoke_positions([len(tok(p)["input_ids"]) for p in prompts], device)
     hooks.output(net.transformer.h[1].mlp, zero_row1)
-    expected = plain_logits(net, input_ids=ids, attention_mask=mask)
+    expected = plain_logits(net, input_ids=ids, attention_mask=mask, position_ids=positions)
     hooks.remove()
     model = LanguageModel(net, tokenizer=tok)
     with model.trace() as tracer:
@@ -393,7 +402,8 @@ def test_labels_of_invokes_of_different_lengths(model, net, tok, device):
     ids, mask = pad_by_hand(tok, prompts, device)
     labels = ids.masked_fill(mask == 0, -100)
     with torch.no_grad():
-        expected = net(input_ids=ids, attention_mask=mask, labels=labels).loss
+        positions = invoke_positions([len(tok(p)["input_ids"]) for p in prompts], device)
+        expected = net(input_ids=ids, attention_mask=mask, labels=labels, position_ids=positions).loss
     with model.trace() as tracer:
         for p in prompts:
             with tracer.invoke(p, labels=torch.tensor([tok(p)["input_ids"]])):
@@ -528,8 +538,7 @@ def test_token_ids_without_a_tokenizer(net, device):
     assert inputs[1]["input_ids"].tolist() == [[pad, pad, 7, 8]]
     assert inputs[1]["attention_mask"].tolist() == [[0, 0, 1, 1]]
     assert_close(la[0], plain_logits(net, input_ids=torch.tensor([a], device=device))[0], **TOL)
-    positions = torch.tensor([[2, 3]], device=device)
-    expected_b = plain_logits(net, input_ids=torch.tensor([b], device=device), position_ids=positions)
+    expected_b = plain_logits(net, input_ids=torch.tensor([b], device=device))  # as alone
     assert_close(lb[0, -2:], expected_b[0], **TOL)
     with pytest.raises(ValueError, match="tokenizer"):
         with model.trace("the cat"):

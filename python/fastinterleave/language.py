@@ -15,17 +15,22 @@
   what HF's streamer receives (call 0: the prompt ids, call k: step k's new tokens).
 """
 
+import inspect
 import numbers
+import sys
 
 import torch
 
 from .model import NNsight
-from .tracer import Invoker, Tracer
+from .tracer import Tracer
 
 # Keys of a tokenizer's output that a model call takes and batching pads (in their order).
 _ENCODING_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 # Keywords of model.trace(...) / model.generate(...) that the tracer itself takes.
 _TRACER_KEYS = ("scan", "validate", "remote", "backend")
+# Keywords nnsight 0.4's tracer takes that change nothing here (errors always name the line;
+# `blocking` is for remote runs): accepted and dropped, never passed to the model.
+_IGNORED_KEYS = ("debug", "blocking")
 # from_pretrained keywords that also apply to loading the config / making the meta model.
 _CONFIG_KEYS = ("revision", "trust_remote_code", "cache_dir", "token", "local_files_only", "subfolder")
 _META_KEYS = ("torch_dtype", "dtype", "attn_implementation", "trust_remote_code")
@@ -65,6 +70,8 @@ class LanguageTracer(Tracer):
 
     def __init__(self, model, *inputs, method=None, invoker_kwargs=None, **kwargs):
         tracer_kwargs = {k: kwargs.pop(k) for k in _TRACER_KEYS if k in kwargs}
+        for key in _IGNORED_KEYS:
+            kwargs.pop(key, None)
         invoker_kwargs = dict(invoker_kwargs or {})
         if not inputs and ("input_ids" in kwargs or "input_ids" in invoker_kwargs):
             for key in (*_ENCODING_KEYS, "labels"):
@@ -72,16 +79,17 @@ class LanguageTracer(Tracer):
                     invoker_kwargs[key] = kwargs.pop(key)
         super().__init__(model, **tracer_kwargs)
         if inputs or invoker_kwargs:
-            self._implicit = Invoker(self, *inputs, **invoker_kwargs)
+            # invoker_kwargs: `scan=` for the invoke, the rest for _prepare_input (the tokenizer).
+            self._implicit = self.invoke(*inputs, **invoker_kwargs)
         self._model_kwargs = kwargs
         self._method = method
 
-    def _execute(self):
+    def _execute(self, keep_nodes=False):
         model = self._model
         before = model._running_method
         object.__setattr__(model, "_running_method", self._method)
         try:
-            return super()._execute()
+            return super()._execute(keep_nodes)
         finally:
             object.__setattr__(model, "_running_method", before)
 
@@ -193,7 +201,7 @@ class LanguageModel(NNsight):
     def dispatch(self):
         """Loads the real weights (a no-op once loaded). Envoys, held ones included, then
         refer to the loaded modules."""
-        if self.dispatched:
+        if self.dispatched or _scanning():  # a scan runs on the meta model
             return
         model = self._load(self.repo_id)
         _rebind(self._envoy, model, skip=self._generator)
@@ -210,6 +218,9 @@ class LanguageModel(NNsight):
             raise ValueError(f"{type(self).__name__} has no method '{method}' to trace")
         if not trace:
             invoker_kwargs = dict(invoker_kwargs or {})
+            invoker_kwargs.pop("scan", None)
+            for key in _IGNORED_KEYS:
+                kwargs.pop(key, None)
             if not inputs:
                 for key in (*_ENCODING_KEYS, "labels"):
                     if key in kwargs:
@@ -222,6 +233,18 @@ class LanguageModel(NNsight):
             fn = getattr(self, method) if method is not None else self._forward
             return fn(*args, **{**kw, **kwargs})
         return LanguageTracer(self, *inputs, method=method, invoker_kwargs=invoker_kwargs, **kwargs)
+
+    def scan(self, *inputs, **kwargs):
+        """``with model.scan(prompt):`` records on fake tensors only (shapes while recording,
+        nothing runs). The weights are not loaded: a model built from an id scans on the
+        meta device."""
+        method = kwargs.get("method")
+        if method is not None and not callable(getattr(self, method, None)):
+            raise ValueError(f"{type(self).__name__} has no method '{method}' to trace")
+        kwargs.update(scan=True, validate=True)
+        tracer = LanguageTracer(self, *inputs, **kwargs)
+        tracer._run_model = False
+        return tracer
 
     def generate(self, *inputs, **kwargs):
         """``with model.generate(prompt, max_new_tokens=N):`` traces HF ``generate``: module
@@ -306,7 +329,10 @@ class LanguageModel(NNsight):
 
     def _batch(self, batched_inputs, input, labels=None):
         """Adds one invoke to the batch: every tensor is padded (on the tokenizer's side) to
-        the longest sequence, so each row keeps its own attention mask."""
+        the longest sequence, so each row keeps its own attention mask. Padding added on the
+        left would shift an invoke's positions: then every invoke gets ``position_ids``, the
+        ones of its solo run (its own, or 0, 1, ...), padded with 0 — each invoke gives what
+        it gives alone (models whose forward takes no ``position_ids`` get none)."""
         from transformers import BatchEncoding
 
         if batched_inputs is None:
@@ -315,6 +341,14 @@ class LanguageModel(NNsight):
         batched_labels = batched_kwargs.get("labels")
         length = max(batched["input_ids"].shape[1], input["input_ids"].shape[1])
         keys = list(batched.keys()) + [k for k in input.keys() if k not in batched]
+        derived = getattr(batched, _DERIVED, "position_ids" not in batched) and "position_ids" not in input
+        if (
+            "position_ids" not in keys
+            and self._padding_side == "left"
+            and batched["input_ids"].shape[1] != input["input_ids"].shape[1]
+            and self._takes_positions()
+        ):
+            keys.append("position_ids")
         data = {}
         for key in keys:
             a = self._fill(key, batched)
@@ -327,7 +361,22 @@ class LanguageModel(NNsight):
             batched_labels = torch.cat(
                 [self._pad("labels", a, label_length), self._pad("labels", b, label_length)]
             )
-        return ((BatchEncoding(data),), {"labels": batched_labels})
+        encoding = BatchEncoding(data)
+        if derived and "position_ids" in data:
+            setattr(encoding, _DERIVED, True)
+        return ((encoding,), {"labels": batched_labels})
+
+    def _takes_positions(self):
+        """Whether the model's forward takes ``position_ids``."""
+        forward = type(self._model).forward
+        takes = _TAKES_POSITIONS.get(forward)
+        if takes is None:
+            try:
+                takes = "position_ids" in inspect.signature(forward).parameters
+            except (TypeError, ValueError):
+                takes = False
+            _TAKES_POSITIONS[forward] = takes
+        return takes
 
     def _pad_id(self):
         pad = getattr(self.tokenizer, "pad_token_id", None)
@@ -365,6 +414,8 @@ class LanguageModel(NNsight):
                 return torch.ones_like(ids)
             if key == "token_type_ids":
                 return torch.full_like(ids, _pad_type_id(self.tokenizer))
+            if key == "position_ids":  # what a model numbers them when run on them alone
+                return torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
             raise ValueError(f"cannot batch these invokes: '{key}' is given for some of them but not all")
         if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[0] != ids.shape[0]:
             raise ValueError(f"cannot batch '{key}' across invokes: expected a (batch, length) tensor")
@@ -399,6 +450,9 @@ class LanguageModel(NNsight):
         """The model call: ``self._model(**inputs, **kwargs)`` (``labels`` included)."""
         self.dispatch()
         inputs = inputs.to(self.device)
+        if getattr(inputs, _DERIVED, False) and any(kwargs.get(k) is not None for k in _CONTINUING_KEYS):
+            # A cache continues earlier positions: the model counts them (from the cache).
+            inputs = _without_positions(inputs)
         return self._model(**inputs, **kwargs)
 
     def _generate(self, inputs, max_new_tokens=1, streamer=None, **kwargs):
@@ -413,9 +467,48 @@ class LanguageModel(NNsight):
             if pad is not None:
                 kwargs["pad_token_id"] = pad  # else HF warns and pads with eos
         inputs = inputs.to(self.device)
+        if getattr(inputs, _DERIVED, False):
+            # HF generate numbers every row from its first token (from the attention mask),
+            # which is what each invoke gets generating alone; it would not extend given ones.
+            inputs = _without_positions(inputs)
+        if _scanning():
+            return self._scan_generate(inputs, kwargs, streamer, max_new_tokens)
         output = self._model.generate(**inputs, **kwargs, streamer=streamer, max_new_tokens=max_new_tokens)
         self._generator(output)
         return output
+
+    def _scan_generate(self, inputs, kwargs, streamer, max_new_tokens):
+        """HF ``generate`` on fake tensors. Whether a step ends generation depends on data,
+        which fake tensors do not have (a fake tensor is true: HF stops after the first new
+        token), so the calls of that step are known and the output's length is not:
+        ``model.generator`` is not called, its ``.output.shape`` stays unknown while recording."""
+        from transformers.utils import logging
+
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # HF's warnings about fake special tokens
+        try:
+            return self._model.generate(**inputs, **kwargs, streamer=streamer, max_new_tokens=max_new_tokens)
+        finally:
+            logging.set_verbosity(verbosity)
+
+
+# Model-call keywords that continue an earlier sequence: its positions are the model's to count.
+_CONTINUING_KEYS = ("past_key_values", "cache", "cache_position")
+_TAKES_POSITIONS = {}  # a forward function -> whether it takes position_ids
+# Set on a batched BatchEncoding whose position_ids LanguageModel made (none were given).
+_DERIVED = "_fastinterleave_derived_positions"
+
+
+def _without_positions(inputs):
+    from transformers import BatchEncoding
+
+    return BatchEncoding({k: v for k, v in inputs.items() if k != "position_ids"})
+
+
+def _scanning():
+    """Whether a scan's fake run is in progress (scan.py is imported by the first scan)."""
+    scan = sys.modules.get(__package__ + ".scan")
+    return scan is not None and scan.running()
 
 
 def _pad_type_id(tokenizer):

@@ -37,12 +37,18 @@ class NNsight:
         tracer._run_model = False
         return tracer
 
-    def session(self):
+    def session(self, backend=None, remote=False, blocking=True, validate=False, scan=False, debug=None):
         """``with model.session() as session:`` — traces inside run in order when it
-        exits; their values flow between them without .save()."""
+        exits; their values flow between them without .save(). ``validate=True`` /
+        ``scan=True`` apply to every trace inside; ``debug`` is accepted (errors always
+        name the line); ``blocking`` only matters remotely."""
         from .session import Session
 
-        return Session(self)
+        if remote or backend is not None:
+            raise NotImplementedError(
+                "fastinterleave runs models locally: remote execution (remote=True / backend=...) is not supported"
+            )
+        return Session(self, scan=scan, validate=validate)
 
     def edit(self, *inputs, inplace=False, **kwargs):
         """``with model.edit() as edited:`` — interventions recorded here run in
@@ -188,9 +194,12 @@ def batch_all(inputs):
         if len(args) != len(first_args) or set(kwargs) != set(first_kwargs):
             raise ValueError("every invoke must pass the same arguments to be batched together")
 
-    def join(values):
+    def join(values, where):
         if all(isinstance(v, torch.Tensor) for v in values):
-            return torch.cat(values, dim=0)
+            try:
+                return torch.cat(values, dim=0)
+            except RuntimeError:
+                raise ValueError(_mismatch(where, values)) from None
         first = values[0]
         for v in values[1:]:
             if not (v is first or (not isinstance(v, torch.Tensor) and v == first)):
@@ -199,14 +208,28 @@ def batch_all(inputs):
                 )
         return first
 
-    args = tuple(join([a[i] for a, _ in inputs]) for i in range(len(first_args)))
-    kwargs = {k: join([kw[k] for _, kw in inputs]) for k in first_kwargs}
+    args = tuple(join([a[i] for a, _ in inputs], f"positional input {i}") for i in range(len(first_args)))
+    kwargs = {k: join([kw[k] for _, kw in inputs], f"input '{k}'") for k in first_kwargs}
     return args, kwargs
+
+
+def _mismatch(where, values, names=None):
+    """The error of tensors (one per invoke) that cannot be concatenated along dim 0."""
+    names = names or [f"invoke {i}" for i in range(len(values))]
+    shapes = ", ".join(f"{n}: {tuple(v.shape)} on {v.device}" for n, v in zip(names, values))
+    return (
+        f"cannot batch the invokes: their {where} tensors cannot be concatenated along dim 0 "
+        f"(every dim but the first must match, on one device) — {shapes}. "
+        "Give every invoke inputs of the same shape past the batch dim, or run them in separate traces"
+    )
 
 
 def _cat(a, b):
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return torch.cat([a, b], dim=0)
+        try:
+            return torch.cat([a, b], dim=0)
+        except RuntimeError:
+            raise ValueError(_mismatch("input", [a, b], ["the invokes before", "the next invoke"])) from None
     if a is b or (not isinstance(a, torch.Tensor) and a == b):
         return a
     raise ValueError(f"cannot batch invoke inputs of type {type(a).__name__} that differ between invokes")

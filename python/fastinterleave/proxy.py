@@ -119,7 +119,11 @@ class Proxy(_C.ProxyBase):
             raise AttributeError(name)
         fake = self._graph.fake
         if fake is not None and name in _KNOWN_AFTER_SCAN and self._node in fake:
-            return getattr(fake[self._node], name)  # real values once scanned
+            from .scan import UNKNOWN, fake_attr
+
+            value = fake_attr(fake[self._node], name)  # real values once scanned
+            if value is not UNKNOWN:
+                return value
         return self._graph.add(GETATTR, name, (self,))
 
     def __call__(self, *args, **kwargs):

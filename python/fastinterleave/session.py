@@ -16,8 +16,10 @@ class _Break(Exception):
 class Session:
     """``with model.session() as session:`` — traces inside run when the block exits."""
 
-    def __init__(self, model):
+    def __init__(self, model, scan=False, validate=False):
         self._model = model
+        self._scan = scan  # the default of every trace inside (model.session(scan=..., validate=...))
+        self._validate = validate
         self._steps = []
         self._stack = [self._steps]
         self._graph = None

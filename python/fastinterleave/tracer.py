@@ -37,6 +37,7 @@ class Invoker:
     batch_size = None
     index = None
     _deferred = False
+    _scan = None  # tracer.invoke(x, scan=...): whether this invoke is scanned (None: as the trace)
 
     def __init__(self, tracer, *inputs, **kwargs):
         self._tracer = weakref.ref(tracer)  # the tracer holds its invokers: no cycle
@@ -76,7 +77,10 @@ class Invoker:
                 self.inputs, self.batch_size = self._raw, shape[0] if shape else 1
             else:
                 self.inputs, self.batch_size = model._prepare_input(*inputs, **kwargs)
-            if tracer._scan:
+            scan = self._scan
+            if scan is None:
+                scan = tracer._scan
+            if scan:
                 from .scan import scan_model
 
                 fakes, mode = scan_model(tracer._model, *self.inputs)
@@ -123,6 +127,9 @@ class Tracer:
         self._session = model._envoy._session
         if self._session is not None:
             graph.shared = True
+            # model.session(scan=..., validate=...): the default of every trace inside it.
+            scan = scan or self._session._scan
+            validate = validate or self._session._validate
         if scan or validate:
             self._scan = True
             self._fakes = {}
@@ -200,9 +207,18 @@ class Tracer:
             if _gc_paused == 0 and _gc_was_enabled:
                 gc.enable()
 
-    def invoke(self, *inputs, **kwargs):
-        """A batch entry: ``with tracer.invoke(x):`` (all invokes run in one forward pass)."""
-        return Invoker(self, *inputs, **kwargs)
+    def invoke(self, *inputs, scan=None, **kwargs):
+        """A batch entry: ``with tracer.invoke(x):`` (all invokes run in one forward pass).
+        ``scan=True`` scans this invoke (shapes while recording), ``scan=False`` skips the
+        scan a ``scan=True`` / ``validate=True`` trace would make; other keywords go to the
+        model's ``_prepare_input`` (as nnsight 0.4's Invoker)."""
+        invoker = Invoker(self, *inputs, **kwargs)
+        if scan is not None:
+            invoker._scan = bool(scan)
+            if scan and self._graph.fake is None:
+                self._fakes = {}
+                self._graph.fake = {}
+        return invoker
 
     # -- recording helpers ----------------------------------------------------------------
 
@@ -357,11 +373,15 @@ class Condition:
                 raise _C.InterventionError("else_() must follow a finished `with tracer.cond(...)` block")
             proxy = graph.add(COND, "else", (self._previous._node, self._condition))
         self._node = proxy
+        # Module values read inside the branch are its own nodes (unset when it is
+        # not taken), and those read in it are not reused after it.
+        self._tracer._cache.clear()
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self._tracer._graph.add(ENDCOND)
+        self._tracer._cache.clear()
         return False
 
     def else_(self, condition=None):
