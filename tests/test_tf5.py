@@ -1,6 +1,7 @@
-"""LanguageModel under transformers 5.x: tests/test_language.py run again in .venv-tf5
-(transformers 5, made by scripts/setup.sh beside .venv's transformers 4.51.3), with the
-same fastinterleave build."""
+"""LanguageModel under transformers 5.x: tests/test_language.py and tests/test_lm_*.py (sessions
+and scanning, positions of invokes of different lengths, the README's LanguageModel example)
+run again in .venv-tf5 (transformers 5, made by scripts/setup.sh beside .venv's transformers
+4.51.3), with the same fastinterleave build."""
 
 import os
 import subprocess
@@ -23,8 +24,10 @@ def test_language_model_tests_pass_under_transformers_5():
     )
     assert version.returncode == 0, version.stderr[-3000:]
     assert version.stdout.strip().startswith("5."), version.stdout
+    files = ["tests/test_language.py", *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("tests/test_lm_*.py"))]
+    assert len(files) > 1, files
     result = subprocess.run(
-        [str(PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_language.py"],
+        [str(PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", *files],
         capture_output=True, text=True, cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
