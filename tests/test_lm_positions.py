@@ -256,3 +256,37 @@ def test_subclass_batch_folding_names_the_mismatch():
                 pass
             with tracer.invoke(torch.rand(1, 6)):
                 pass
+
+
+def test_differs_from_nnsight_which_shifts_positions(tok):
+    """The documented difference (rule 2 of DESIGN.md's contract): nnsight 0.4.11 passes no
+    positions, so GPT-2 sees a left-padded invoke's tokens at shifted positions; its value is
+    the solo run's at those positions. fastinterleave gives the solo run."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nnsight_ref = pytest.importorskip("nnsight", reason="nnsight 0.4.11 not installed (bash scripts/setup.sh)")
+    nnsight_ref.DEFAULT_PATCHER.__exit__(None, None, None)  # its import-time torch patches: only while it runs
+
+    def run(ns):
+        model = ns.LanguageModel(make_lm(), tokenizer=make_tokenizer())
+        with model.trace() as tracer:
+            with tracer.invoke("the cat"):
+                short = model.lm_head.output.save()
+            with tracer.invoke("the big red cat sat on the mat"):
+                pass
+        return short.value if hasattr(short, "value") else short
+
+    nnsight_ref.DEFAULT_PATCHER.__enter__()
+    try:
+        theirs = run(nnsight_ref)
+    finally:
+        nnsight_ref.DEFAULT_PATCHER.__exit__(None, None, None)
+    ours = run(nnsight)
+    net, enc = make_lm(), encode(tok, "the cat")
+    alone = plain_logits(net, **enc)
+    shifted = plain_logits(net, **enc, position_ids=torch.tensor([[6, 7]]))
+    assert_close(ours[:, -2:], alone, **TOL)
+    assert_close(theirs[:, -2:], shifted, **TOL)
+    assert not torch.allclose(theirs[:, -2:], alone, **TOL)

@@ -4,9 +4,15 @@
 
 - inputs per invoke: a prompt (``str``), prompts (``list[str]``), token ids (``list[int]``,
   ``list[list[int]]``, a 1-D or 2-D tensor), or a dict / ``BatchEncoding``;
-- several invokes of different lengths are re-padded into one batch; every invoke keeps
-  the attention mask of its own tokenization (nnsight 0.4.11 rebuilds the mask of later
-  invokes from already padded ids and so attends to their padding — fixed here);
+- several invokes of different lengths are re-padded into one batch and each gives what it
+  gives alone: every invoke keeps the attention mask of its own tokenization (nnsight 0.4.11
+  rebuilds the mask of later invokes from already padded ids and so attends to their
+  padding — fixed here), and when batching pads an invoke on the left, every invoke gets
+  the ``position_ids`` of its solo run (nnsight 0.4.11 passes none, so GPT-2's absolute
+  positions of a shorter invoke shift); ``generate`` numbers positions from the mask (HF);
+- ``tracer.invoke(x, scan=True)``, ``model.scan(x)`` / ``scan=True`` / ``validate=True``,
+  ``model.session(validate=..., scan=...)`` as in nnsight 0.4 (see scan.py); a scan of a
+  model built from an id loads no weights;
 - built from an id (or a local directory), the model is first made on the meta device
   from its config alone and its weights are loaded on first use (``dispatch=True``
   loads them at once);
