@@ -9,6 +9,7 @@ import torch
 from torch.testing import assert_close
 
 import fastinterleave as nnsight
+import fastinterleave.util
 from fastinterleave import InterventionError
 
 from conftest import make_gpt2, make_tiny
@@ -259,3 +260,51 @@ def test_a_row_written_over_every_row_as_in_torch(net):
         h = net.layer1(x)
         h[:] = h[0, :]
         assert_close(out, net.layer2(h))
+
+
+# -- modules called inside a trace with hook=True ---------------------------------------------
+
+
+class Attachment(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.one = nnsight.util.WrapperModule()
+        self.lin = torch.nn.Linear(10, 10)
+
+    def forward(self, x):
+        return self.lin(self.one(x)) * 2
+
+
+def test_a_module_called_with_hook_true_is_a_call_of_it(net):
+    """nnsight's editing pattern: a module attached to the model, called on a value in
+    an edit with hook=True; a later trace reads and edits what the attached module and
+    the module inside it compute."""
+    model = nnsight.NNsight(net)
+    torch.manual_seed(3)
+    model.layer1.attachment = Attachment()
+    x = inputs(2, 1)
+    with model.edit() as edited:
+        model.layer1.output[:] = model.layer1.attachment(model.layer1.output, hook=True)
+    with edited.trace(x):
+        inner = model.layer1.attachment.one.output.clone().save()
+        attached = model.layer1.attachment.output.clone().save()
+        model.layer1.attachment.output *= 0.5
+        out = model.output.save()
+    with torch.no_grad():
+        h = net.layer1(x)
+        assert_close(inner, h)
+        assert_close(attached, net.layer1.attachment(h))
+        assert_close(out, net.layer2(net.layer1.attachment(h) * 0.5))
+
+
+def test_a_module_called_without_hook_fires_no_hook(net):
+    model = nnsight.NNsight(net)
+    x = inputs(2, 1)
+    with model.trace(x):
+        again = model.layer2(model.layer1.output * 2).save()
+        out = model.output.save()
+        seen = model.layer2.output.save()  # call 0 of layer2 is the model's own
+    with torch.no_grad():
+        assert_close(again, net.layer2(net.layer1(x) * 2))
+        assert_close(seen, net(x))
+        assert_close(out, net(x))

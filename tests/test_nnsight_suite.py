@@ -106,13 +106,6 @@ PENDING = {
     "test_tiny::test_bridged_node_cleanup": _TINY_TO + "; behind it: an unsaved session value "
         "that a later step reads stays readable after the session (graph.py _keep_foreign marks "
         "it saved), so .value does not raise ValueError as in nnsight",
-    "test_lm::test_editing": "no fastinterleave.util (nnsight.util.WrapperModule); behind it: a "
-        "module called inside the trace (l0.attachment(acts, hook=True)) does not fire its "
-        "submodules' sites: the engine ignores a hook firing while it runs a node "
-        "(scheduler.cpp Run::fire returns when running_node_ >= 0)",
-    "test_lm::test_batched_editing": "no fastinterleave.util (nnsight.util.WrapperModule); "
-        "behind it: envoy(..., hook=True) ignores hook and calls module.forward (envoy.py "
-        "Envoy.__call__), so the attached module's .output is never set",
 }
 
 assert not set(EXCLUDED) & set(PENDING)

@@ -677,7 +677,10 @@ void Run::reset_body(int32_t node) {
 
 bool Run::fire(int32_t site, IValue& value) {
   check_site(site);
-  if (finished_ || running_node_ >= 0) return false;
+  // A node may be running: it called the module (`envoy(x, hook=True)`, or
+  // Python code calling it), and that call is one of the module's calls, as in
+  // nnsight. What the outer firing set up is put back when this one returns.
+  if (finished_) return false;
   const SitePlan& sp = plan_->sites[static_cast<size_t>(site)];
   const int32_t call = calls_[static_cast<size_t>(site)]++;
 
@@ -697,15 +700,18 @@ bool Run::fire(int32_t site, IValue& value) {
   struct Restore {  // the module uses the value once the hook returns
     Run& run;
     const std::vector<int32_t>& nodes;
+    int32_t firing, body, defer;
+    std::vector<std::pair<int32_t, c10::IValue>> swaps;  // the outer firing's, if nested
     ~Restore() {
       for (int32_t n : nodes) run.window_open_[static_cast<size_t>(n)] = 0;
-      run.firing_node_ = -1;
-      run.recording_body_ = -1;
-      run.defer_frees_ = 0;
-      run.pending_swaps_.clear();
+      run.firing_node_ = firing;
+      run.recording_body_ = body;
+      run.defer_frees_ = defer;
+      run.pending_swaps_ = std::move(swaps);
       run.writes_.clear();  // left only by an error
     }
-  } restore{*this, matching};
+  } restore{*this, matching, firing_node_, recording_body_, defer_frees_, std::move(pending_swaps_)};
+  pending_swaps_.clear();
 
   for (const int32_t node : matching) {
     const size_t i = static_cast<size_t>(node);

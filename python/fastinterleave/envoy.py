@@ -95,11 +95,15 @@ class Envoy:
         return iter(self._children.values())
 
     def __call__(self, *args, hook=False, **kwargs):
-        """Applies the module to proxies inside a trace (without firing hooks), or runs it."""
+        """Applies the module to proxies inside a trace, or runs it. Inside a trace its
+        hooks do not fire, unless ``hook=True``: then the call is one of the module's
+        calls, and `.output` / `.input` of it and of the modules it calls see it (a
+        module attached to the model, as in nnsight)."""
         tracer = self._root._tracer
         if tracer is None:
             return self._module(*args, **kwargs)
-        return tracer._graph.add(CALL, "", args, kwargs or None, fn=self._module.forward)
+        fn = self._module if hook else self._module.forward
+        return tracer._graph.add(CALL, "", args, kwargs or None, fn=fn)
 
     # -- iteration (a module's k-th call in one forward pass, or generation step k) --
 

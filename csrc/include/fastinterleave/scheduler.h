@@ -76,9 +76,9 @@ class Run {
   // Throws std::out_of_range for a site index the plan does not have.
   void check_site(int32_t site) const;
 
-  // Whether hooks should ignore fires right now (a node is running, e.g. a
-  // Python fallback calling a module, or the run finished).
-  bool paused() const { return running_node_ >= 0 || finished_; }
+  // Whether hooks should ignore fires right now (the run finished). A module
+  // called by a running node (`envoy(x, hook=True)`) fires as any call does.
+  bool paused() const { return finished_; }
 
   // The forward pass returned: every request must have fired. Throws NodeError
   // (NeverFired) otherwise.
