@@ -106,6 +106,9 @@ class PyRun {
   Run& run() { return run_; }
 
   std::vector<py::object> attached;  // the SiteHooks serving this run (they point at it)
+  // The thread that runs the trace: its hooks serve calls from it only, and pass
+  // every other thread's calls of the same modules through untouched.
+  const unsigned long owner = PyThread_get_thread_ident();
 
   py::object value(int32_t node) {
     c10::IValue v = run_.value(node);
@@ -200,7 +203,7 @@ PyObject* site_hook_call(PyObject* self, PyObject* const* args, size_t nargsf, P
     return nullptr;
   }
   auto* hook = reinterpret_cast<SiteHookObject*>(self);
-  if (hook->run == nullptr) Py_RETURN_NONE;
+  if (hook->run == nullptr || hook->run->owner != PyThread_get_thread_ident()) Py_RETURN_NONE;
   try {
     return fire_site_hook(hook, args[1], args[2]).release().ptr();
   } catch (...) {
