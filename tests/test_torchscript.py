@@ -4,6 +4,7 @@ numbers the Python run gave; malformed and hostile graph files give errors; the
 installed CMake package builds examples/cpp with ``find_package(fastinterleave)``."""
 
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -228,7 +229,7 @@ def test_export_refuses_python_code_naming_the_line(tmp_path):
 
 
 def _s(text):
-    data = text.encode()
+    data = text if isinstance(text, bytes) else text.encode()
     return struct.pack("<I", len(data)) + data
 
 
@@ -319,6 +320,12 @@ HOSTILE = {
     "structure nested too deeply": (
         graph_file([], structures=[(0, struct.pack("<BI", 2, 1) * 100 + struct.pack("<Bi", 0, 2))]), "too deeply"),
     "structure rank out of range": (graph_file([], structures=[(0, struct.pack("<Bi", 0, 1000))]), "rank"),
+    # Strings must be UTF-8 (Python would raise UnicodeDecodeError on them, not the loader's error).
+    "an op name that is not UTF-8": (graph_file([_node(CALL, [], name=b"ne\xffg")]), "not valid UTF-8"),
+    "a module path with an overlong form": (graph_file([], sites=[(b"l\xc0\xaf", 0)]), "not valid UTF-8"),
+    "a line with a surrogate": (graph_file([], lines=[b"x = \xed\xa0\x80"]), "not valid UTF-8"),
+    "a string cut inside a character": (graph_file([], lines=[b"h\xc3"]), "not valid UTF-8"),
+    "a code point past U+10FFFF": (graph_file([], lines=[b"\xf4\x90\x80\x80"]), "not valid UTF-8"),
 }
 
 
@@ -331,6 +338,14 @@ def test_hostile_graph_files_are_errors(case):
     data, message = HOSTILE[case]
     with pytest.raises(ValueError, match=message):
         _C.load_plan(data)
+
+
+def test_a_string_that_is_not_utf8_is_reported_at_its_byte():
+    data = graph_file([_node(CALL, [], name=b"ne\xffg")])
+    with pytest.raises(ValueError, match=r"at byte (\d+): a string is not valid UTF-8") as info:
+        _C.load_plan(data)
+    offset = int(re.search(r"at byte (\d+)", str(info.value)).group(1))
+    assert data[offset] == 0xFF
 
 
 def test_every_truncation_is_an_error():

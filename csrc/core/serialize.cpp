@@ -22,6 +22,42 @@ constexpr uint64_t kMaxString = 1u << 20;
 
 enum class Tag : uint8_t { None = 0, Bool = 1, Int = 2, Double = 3, String = 4, Tensor = 5, Tuple = 6, List = 7, Device = 8, DType = 9 };
 
+// The offset of the first byte of `s` that is not valid UTF-8 (overlong forms,
+// surrogates and code points past U+10FFFF included), or npos.
+size_t utf8_error(const std::string& s) {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const size_t n = s.size();
+  for (size_t i = 0; i < n;) {
+    const unsigned char c = p[i];
+    size_t len;
+    uint32_t cp;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if ((c & 0xE0) == 0xC0) {
+      len = 2;
+      cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+      len = 3;
+      cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+      len = 4;
+      cp = c & 0x07;
+    } else {
+      return i;
+    }
+    if (i + len > n) return i;
+    for (size_t k = 1; k < len; ++k) {
+      if ((p[i + k] & 0xC0) != 0x80) return i;
+      cp = (cp << 6) | (p[i + k] & 0x3F);
+    }
+    static constexpr uint32_t kMin[5] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < kMin[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return i;
+    i += len;
+  }
+  return std::string::npos;
+}
+
 class Writer {
  public:
   template <typename T>
@@ -110,6 +146,10 @@ class Reader {
     if (n > kMaxString) fail("string too long");
     need(n);
     std::string s = in_.substr(pos_, n);
+    if (const size_t bad = utf8_error(s); bad != std::string::npos) {
+      pos_ += bad;
+      fail("a string is not valid UTF-8");
+    }
     pos_ += n;
     return s;
   }
