@@ -18,6 +18,7 @@ def source_line(location):
     file, _, lineno = location.rpartition(":")
     if not file or not lineno.isdigit():
         return location
+    linecache.checkcache(file)  # a script edited and run again in this process: its new text
     text = linecache.getline(file, int(lineno)).strip()
     return f"{location}: {text}" if text else location
 
