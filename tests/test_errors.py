@@ -195,7 +195,10 @@ def test_remote_is_not_supported(model, x):
         model.trace(x, remote=True)
 
 
-def test_proxy_truth_value_and_iteration_are_clear_errors(model, x):
+def test_proxy_truth_value_and_iteration_are_clear_errors(model, x, monkeypatch):
+    # With nnsight's CONFIG.APP.CONTROL_FLOW_HANDLING off (on, `if` records a branch:
+    # tests/test_dropin_control_flow.py).
+    monkeypatch.setattr(nnsight.CONFIG.APP, "CONTROL_FLOW_HANDLING", False)
     with pytest.raises(InterventionError, match="tracer.cond"):
         with model.trace(x):
             if model.layer1.output.sum() > 0:

@@ -46,6 +46,36 @@ def trace(fn):
     return inner
 
 
+class _Local:
+    """``with nnsight.local():`` — nnsight 0.4 runs the block on this machine when the
+    rest runs on a remote service. Everything runs locally here, so the block records
+    into the open trace or session as any other code; ``apply`` / ``log`` / ``cond`` /
+    ``iter`` / ``stop`` are those of the open trace or session."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return False
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(_tracer(), name)
+
+
+def local(fn=None):
+    """nnsight 0.4's ``nnsight.local``: code to run on this machine rather than on a
+    remote service. Everything runs locally here: ``with nnsight.local():`` records its
+    block as usual, and ``nnsight.local(fn)`` (or ``@nnsight.local``) makes `fn` one
+    recorded step, like ``nnsight.trace(fn)``."""
+    if fn is None:
+        return _Local()
+    if not callable(fn):
+        raise TypeError(f"nnsight.local() takes a function (or nothing, as a `with` block), not {type(fn).__name__}")
+    return trace(fn)
+
+
 def iter(collection):
     """``with nnsight.iter(items) as item:`` — a loop over session steps (see
     Session.iter). Loops inside one trace are not supported: use a session."""

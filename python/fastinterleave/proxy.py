@@ -1,9 +1,16 @@
 """Proxy: a stand-in for a value inside a trace; operations on it record nodes."""
 
+import copy
 import operator
+import sys
+
+import torch
 
 from . import _C
+from .config import CONFIG
 from .graph import CALL, DONE, GETATTR, GETITEM, GRAD, RECORDING, SETITEM, STOP, SWAP
+
+_UNSET = "Accessing value before it's been set."  # nnsight 0.4's words; our detail follows
 
 # Python operator -> ATen op name (the engine runs these natively).
 _DUNDER_ATEN = {
@@ -88,15 +95,16 @@ class Proxy(_C.ProxyBase):
     def value(self):
         """The value, once the trace ran. ``ValueError`` if unsaved or never set."""
         g = self._graph
-        if g.state != DONE:
-            raise ValueError(
-                "this value is not available while the trace is being recorded: "
-                "values exist once the `with` block has exited"
-            )
-        try:
-            return g.values[self._node]
-        except KeyError:
-            raise ValueError(g.why_unset(self._node)) from None
+        if g.state == DONE:
+            values = g.values
+            if values is not None and self._node in values:
+                return values[self._node]
+            detail = g.why_unset(self._node)
+            raise ValueError(f"{_UNSET} {detail[:1].upper()}{detail[1:]}")
+        raise ValueError(
+            f"{_UNSET} This value is not available while the trace is being recorded: "
+            "values exist once the `with` block has exited"
+        )
 
     def stop(self):
         """Ends the forward pass once this value is computed."""
@@ -160,41 +168,134 @@ class Proxy(_C.ProxyBase):
                 name = name + "_" if kwargs.pop("inplace") else name
         return graph.add(CALL, name, tuple(args), kwargs or None, fn=func)
 
-    def __reduce_ex__(self, protocol):
-        # copy / deepcopy / pickle: a proxy stands for a value that exists only once
-        # the trace runs.
-        raise TypeError(
-            "a proxy cannot be copied or pickled: inside the trace, record a copy with `proxy.clone()`; "
-            "after it, copy the saved value (`proxy.value`)"
-        )
+    def __setattr__(self, name, value):
+        # `proxy.requires_grad = True`: recorded, set on the value when the model runs.
+        if name == "grad":
+            _GRAD.__set__(self, value)
+        elif name in ("_graph", "_node"):
+            object.__setattr__(self, name, value)  # (read-only: raises)
+        else:
+            self._graph.add(CALL, "", (self, name, value), fn=setattr)
+
+    # -- Python protocols: after the trace, the value's; while recording, a clear
+    # error (or, for `if` / `for`, a branch / a session loop) --------------------------------
 
     def __bool__(self):
-        raise _C.InterventionError(
-            "a proxy has no truth value while the trace is being recorded (its value is computed when the "
-            "model runs): use `with tracer.cond(condition):` for a branch, or test the saved value after the trace"
-        )
+        if self._graph.state == DONE:
+            return bool(self.value)
+        if not CONFIG.APP.CONTROL_FLOW_HANDLING:
+            raise _C.InterventionError(
+                "a proxy has no truth value while the trace is being recorded (its value is computed when the "
+                "model runs), and CONFIG.APP.CONTROL_FLOW_HANDLING is off: use `with tracer.cond(condition):` "
+                "for a branch, or test the saved value after the trace"
+            )
+        from .control import branch
+
+        return branch(self, sys._getframe(1))
 
     def __iter__(self):
-        raise _C.InterventionError(
-            "a proxy cannot be iterated while the trace is being recorded: index it (`proxy[0]`), "
-            "or iterate over the saved value after the trace"
-        )
+        if self._graph.state == DONE:
+            return iter(self.value)
+        if not CONFIG.APP.CONTROL_FLOW_HANDLING:
+            raise _C.InterventionError(
+                "a proxy cannot be iterated while the trace is being recorded: index it (`proxy[0]`), "
+                "or iterate over the saved value after the trace (`for x in proxy:` in a session records a "
+                "loop when CONFIG.APP.CONTROL_FLOW_HANDLING is on)"
+            )
+        from .control import loop
+
+        return loop(self, sys._getframe(1))
 
     def __len__(self):
+        if self._graph.state == DONE:
+            return len(self.value)
         raise _C.InterventionError(
             "len() of a proxy is not known while the trace is being recorded: use `nnsight.apply(len, proxy)`, "
             "or `proxy.shape[0]`"
+        )
+
+    def __contains__(self, item):
+        if self._graph.state == DONE:
+            return item in self.value
+        raise _C.InterventionError(
+            "`x in proxy` is not known while the trace is being recorded: use `nnsight.apply(operator.contains, "
+            "proxy, x)`, or test the saved value after the trace"
+        )
+
+    def _known(self, what, instead):
+        """The value (after the trace), for a protocol that needs it now."""
+        if self._graph.state == DONE:
+            return self.value
+        raise _C.InterventionError(
+            f"{what} is not known while the trace is being recorded (the value is computed when the model "
+            f"runs): {instead}, or use the saved value after the trace"
+        )
+
+    def __int__(self):
+        return int(self._known("int() of a proxy", "use `nnsight.int(proxy)`"))
+
+    def __float__(self):
+        return float(self._known("float() of a proxy", "use `nnsight.float(proxy)`"))
+
+    def __complex__(self):
+        return complex(self._known("complex() of a proxy", "use `nnsight.complex(proxy)`"))
+
+    def __index__(self):
+        return operator.index(self._known("A proxy used as a Python index", "index a proxy with it inside the trace"))
+
+    def __format__(self, spec):
+        if self._graph.state == DONE:
+            return format(self.value, spec)
+        if not spec:
+            return str(self)
+        raise _C.InterventionError(
+            f"a proxy cannot be formatted with '{spec}' while the trace is being recorded: use "
+            "`nnsight.apply(format, proxy, spec)`, or format the saved value after the trace"
+        )
+
+    def __array__(self, *args, **kwargs):
+        import numpy
+
+        value = self._known("numpy.asarray() of a proxy", "use `nnsight.apply(numpy.asarray, proxy)`")
+        return numpy.asarray(value, *args, **kwargs)
+
+    def __copy__(self):
+        return copy.copy(self._copyable())
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(self._copyable(), memo)
+
+    def __reduce_ex__(self, protocol):
+        # pickle (torch.save of a dict of saved proxies): the value, which loads as itself.
+        return (_FIRST, ([self._copyable()],))
+
+    def _copyable(self):
+        if self._graph.state == DONE:
+            return self.value
+        # copy / deepcopy / pickle while recording: a proxy stands for a value that
+        # exists only once the trace runs.
+        raise TypeError(
+            "a proxy cannot be copied or pickled: inside the trace, record a copy with `proxy.clone()`; "
+            "after it, copy the saved value (`proxy.value`)"
         )
 
     __hash__ = object.__hash__
 
     def __repr__(self):
         g = self._graph
-        if g.state == DONE and self._node in g.values:
-            return repr(g.values[self._node])
-        state = "recording" if g.state == RECORDING else "unset"
+        if g.state == DONE:
+            return repr(self.value)  # an unset value raises, as in nnsight
+        state = "recording" if g.state == RECORDING else "running"
         return f"<fastinterleave.Proxy node {self._node} ({state})>"
 
+    def __str__(self):
+        if self._graph.state == DONE:
+            return str(self.value)
+        return repr(self)
+
+
+_GRAD = Proxy.grad
+_FIRST = operator.itemgetter(0)  # pickles by reference to the standard library
 
 _TENSOR_GETITEM = __import__("torch").Tensor.__getitem__
 _TENSOR_SETITEM = __import__("torch").Tensor.__setitem__
@@ -256,3 +357,12 @@ for _name, _fn in [("neg", operator.neg), ("pos", operator.pos), ("abs", operato
 
 # The engine's argument converter turns proxies into references to their nodes.
 _C.set_proxy_type(Proxy)
+
+if not hasattr(torch.Tensor, "save"):
+
+    def _save_tensor(self):
+        """A real tensor (made inside a trace or session, e.g. a ``torch.nn.Parameter``)
+        is its own value: ``.save()`` returns it (fastinterleave; nnsight 0.4 proxies it)."""
+        return self
+
+    torch.Tensor.save = _save_tensor

@@ -4,9 +4,12 @@ one block and run in order when it exits. Values flow between them without
 
 import sys
 
+import torch
+
 from . import _C, patching
 from .config import CONFIG
-from .graph import CALL, STOP, Graph, _keep_foreign, resolve
+from .control import BRANCHES
+from .graph import CALL, OPEN, STOP, Graph, _keep_foreign, resolve
 
 
 class _Break(Exception):
@@ -39,6 +42,7 @@ class Session:
         object.__setattr__(root, "_session", self)
         _OPEN.append(self)
         patching.patch()
+        _record_optimizers(True)
         self._frame = sys._getframe(1)
         self._new_segment()
         return self
@@ -62,10 +66,19 @@ class Session:
         return self._graph.add(CALL, _BUILTIN_OPS.get(fn, ""), args, kwargs or None, fn=fn)
 
     def log(self, *args):
+        """Prints the values when the session runs (in order with its traces)."""
         self.apply(print, *args)
 
+    def local(self, fn=None):
+        """nnsight 0.4's ``session.local()``: everything runs locally here (see
+        ``Tracer.local``)."""
+        from .helpers import local
+
+        return local(fn)
+
     def stop(self):
-        """Inside ``session.iter``: leaves the loop (like ``break``)."""
+        """Inside ``session.iter``: leaves the loop (like ``break``); outside any loop:
+        ends the session there (the steps recorded after it do not run)."""
         self._graph.add(STOP)
 
     def iter(self, collection):
@@ -84,10 +97,23 @@ class Session:
         if self in _OPEN:
             _OPEN.remove(self)
             patching.unpatch()
+            _record_optimizers(False)
+        if BRANCHES:
+            from .control import finish
+
+            finish(self, exc_type is not None)
         if exc_type is not None:
             return False
+        if len(self._stack) > 1:
+            raise _C.InterventionError(
+                "a loop or branch of this session was left open (a `for x in proxy:` loop ended by an exception "
+                "that was caught?): the steps recorded after it would run inside it"
+            )
         try:
-            self._run(self._steps)
+            try:
+                self._run(self._steps)
+            except _Break:
+                pass  # session.stop() outside any loop: the session ends there
         finally:
             for graph in self._graphs:
                 if graph.state != 1:
@@ -116,7 +142,13 @@ class Session:
                     except _Break:
                         break
             elif kind == "guard":
-                if resolve(obj.condition):
+                previous = obj.previous
+                if previous is not None and previous.taken:
+                    obj.taken = True  # an earlier branch of the chain ran
+                    continue
+                runs = obj.condition is None or bool(resolve(obj.condition))
+                obj.taken = runs
+                if runs:
                     self._run(obj.steps)
 
 
@@ -191,13 +223,46 @@ class _Loop(_Block):
 
 class _Guard(_Block):
     kind = "guard"
+    taken = False  # (when the session runs) whether this branch or an earlier one of its chain ran
 
-    def __init__(self, session, condition):
+    def __init__(self, session, condition, previous=None):
         super().__init__(session)
         self.condition = condition
+        self.previous = previous
         _keep_foreign(None, condition)  # read when the session runs
 
     def _entered(self):
         return self
+
+    def else_(self, condition=None):
+        """The steps run when no earlier branch of the chain ran (with a condition: an elif)."""
+        return _Guard(self._session, condition, previous=self)
+
+
+# While a session is recorded, constructing a torch optimizer records it (as in
+# nnsight 0.4): ``optimizer.step()`` / ``.zero_grad()`` then run in order with the
+# session's traces (training a parameter made in the session, nnsight's LoRA
+# example), not at once while recording.
+_optimizer_depth = 0
+_OPTIMIZER = torch.optim.Optimizer
+
+
+def _construct(cls, *args, **kwargs):
+    return cls(*args, **kwargs)
+
+
+def _optimizer_new(cls, *args, **kwargs):
+    if OPEN and _optimizer_depth and OPEN[-1]._graph.state == 0:
+        return OPEN[-1]._graph.add(CALL, "", (cls, *args), kwargs or None, fn=_construct)
+    return object.__new__(cls)
+
+
+def _record_optimizers(on):
+    global _optimizer_depth
+    _optimizer_depth += 1 if on else -1
+    if on and _optimizer_depth == 1:
+        _OPTIMIZER.__new__ = _optimizer_new
+    elif not on and _optimizer_depth == 0:
+        del _OPTIMIZER.__new__
 
 

@@ -8,6 +8,7 @@ import torch
 
 from . import _C, patching
 from .config import CONFIG
+from .control import BRANCHES as _BRANCHES
 from .errors import annotate
 from .graph import CALL, COND, ENDCOND, FIRST_ARG, OPEN, OUTPUT, RUNNING, STOP, SWAP, Graph, _keep_foreign, resolve
 from .proxy import Proxy
@@ -190,6 +191,8 @@ class Tracer:
                 _OPEN.remove(self)
                 patching.unpatch()
             frame, self._frame = self._frame, None
+            if _BRANCHES:  # `if proxy:` branches left open (an error, or a debugger's trace function)
+                _finish_branches(self, exc_type is not None)
             if exc_type is not None:
                 return False
             if self._session is not None:
@@ -267,6 +270,15 @@ class Tracer:
     def log(self, *args):
         """Prints values when the model runs."""
         self.apply(print, *args)
+
+    def local(self, fn=None):
+        """nnsight 0.4's ``tracer.local()``: code to run on this machine rather than on a
+        remote service. Everything runs locally here: ``with tracer.local():`` records
+        its block as usual, and ``tracer.local(fn)`` records calls of `fn` (like
+        ``nnsight.trace(fn)``)."""
+        from .helpers import local
+
+        return local(fn)
 
     # -- running -------------------------------------------------------------------------
 
@@ -411,6 +423,8 @@ class EditTracer(Tracer):
                 self._implicit.__exit__(None, None, None)
             self._close()
             self._frame = None
+            if _BRANCHES:
+                _finish_branches(self, exc_type is not None)
             if exc_type is None:
                 self._target._edits = [*self._target._edits, self._graph]
             return False
@@ -435,6 +449,12 @@ def _resume_gc():
     _gc_paused -= 1
     if _gc_paused == 0 and _gc_was_enabled:
         gc.enable()
+
+
+def _finish_branches(owner, failed):
+    from .control import finish
+
+    finish(owner, failed)
 
 
 def _has_proxy(obj):
