@@ -96,16 +96,10 @@ VALUES_DIFFER = {
 # Tests that fail today because of fastinterleave bugs (not nnsight internals), with the
 # cause. Being fixed in python/fastinterleave and csrc; empty it as they pass (strict xfail:
 # a test that passes while listed here fails).
-_TINY_TO = ("the fixture's NNsight(net).to(device) returns the bare torch module (model.py: .to "
-            "reaches the module's own through __getattr__), and NNsight has no _clear()")
 PENDING = {
-    **{name: _TINY_TO for name in NNSIGHT_TESTS if name.startswith("test_tiny::")},
-    "test_tiny::test_sequential_graph_based_context_exit": _TINY_TO + "; behind it: a "
-        "session.stop() outside any session.iter raises the internal session._Break out of "
-        "the session (session.py: only a loop catches _Break; Session.__exit__ should too)",
-    "test_tiny::test_bridged_node_cleanup": _TINY_TO + "; behind it: an unsaved session value "
-        "that a later step reads stays readable after the session (graph.py _keep_foreign marks "
-        "it saved), so .value does not raise ValueError as in nnsight",
+    "test_tiny::test_bridged_node_cleanup": "an unsaved session value that a later step reads "
+        "stays readable after the session (graph.py _keep_foreign marks it saved), so .value "
+        "does not raise ValueError as in nnsight",
 }
 
 assert not set(EXCLUDED) & set(PENDING)

@@ -1,5 +1,8 @@
 """Envoy: a module of the wrapped model, with its .output / .input / .inputs."""
 
+import inspect
+import warnings
+
 import torch
 
 from . import _C
@@ -27,7 +30,7 @@ class Envoy:
             children[name] = Envoy(child, f"{path}.{name}" if path else name, self._root, rename)
         object.__setattr__(self, "_children", children)
         for name, child in children.items():
-            _expose(self, name, child)
+            _attach(self, name, child)
         aliases = {}
         for alias, target in self._rename.items():
             # An alias names a child (`rename={"transformer": "model"}`) or a longer path.
@@ -74,10 +77,12 @@ class Envoy:
     def __setattr__(self, name, value):
         if name in ("output", "input", "inputs") or name.startswith("_"):
             object.__setattr__(self, name, value)
+        elif name.startswith("nns_") and hasattr(type(self), name):  # a value moved aside by a submodule
+            object.__setattr__(self, name, value)
         elif isinstance(value, torch.nn.Module):
             setattr(self._module, name, value)
             child = self._children[name] = Envoy(value, f"{self._path}.{name}" if self._path else name, self._root)
-            _expose(self, name, child)
+            _attach(self, name, child)
             self._root._hooks.remove()  # hooks sit on the modules that were there
         else:
             setattr(self._module, name, value)
@@ -125,6 +130,10 @@ class Envoy:
     def iter(self):
         """``envoy.iter[k | [k, ...] | a:b]``: the given calls, one-off or as a `with` block."""
         return _IterIndexer(self)
+
+    def _clear(self, propagate=True):
+        """nnsight 0.4's ``Envoy._clear()`` (its tests call it between traces): resets an
+        envoy's per-trace state. Nothing outlives a trace on an envoy here."""
 
     def modules(self):
         """This envoy and all below it, depth first."""
@@ -182,6 +191,92 @@ class Envoy:
     @input.setter
     def input(self, value):
         self._open_tracer("input")._swap(self._path, INPUT, FIRST_ARG, value)
+
+
+def _module_method(name):
+    def method(self, *args, **kwargs):
+        result = getattr(self._module, name)(*args, **kwargs)
+        return self if result is self._module else result
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"The module's ``{name}(...)``; returns this envoy (``model = model.{name}(...)`` keeps the wrapper)."
+    return method
+
+
+# Module methods that return the module: through an envoy they return the envoy
+# (nnsight 0.4 does it for `to`).
+_SELF_RETURNING = ("to", "cuda", "cpu", "eval", "train", "half", "float", "double", "bfloat16", "requires_grad_")
+for _name in _SELF_RETURNING:
+    setattr(Envoy, _name, _module_method(_name))
+
+# nnsight 0.4's Envoy attributes that a child module of the same name would hide:
+# the child is mounted under its name instead, and the attribute moves to
+# ``nns_<name>`` (as in nnsight 0.4: BERT's and ViT's layers have an `output`
+# submodule, read with `layer.output`, while the layer's own output is
+# `layer.nns_output`). A child named like one of the module methods above
+# (`model.layer1.double`) simply hides the method.
+_MOUNTED_NAMES = frozenset(("output", "input", "inputs", "iter", "next", "all", "modules", "to"))
+
+
+class _Mounted:
+    """A child module mounted under a name of the Envoy class (``layer.output``); an
+    envoy without such a child (one made by ``type(envoy)(...)``) keeps the attribute."""
+
+    def __init__(self, name, original):
+        self.name = name
+        self.original = original
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        child = obj._children.get(self.name)
+        if child is not None:
+            return child
+        return self.original.__get__(obj, objtype)
+
+    def __set__(self, obj, value):
+        if self.name in obj._children:
+            if isinstance(value, torch.nn.Module):
+                setattr(obj._module, self.name, value)
+                obj._children[self.name] = Envoy(value, f"{obj._path}.{self.name}" if obj._path else self.name, obj._root)
+                obj._root._hooks.remove()  # hooks sit on the modules that were there
+                return
+            raise AttributeError(
+                f"'{self.name}' of '{obj._path or '<root>'}' is its submodule: set the module's own "
+                f"{self.name} with `.nns_{self.name} = ...`"
+            )
+        setter = getattr(self.original, "__set__", None)
+        if setter is None:
+            raise AttributeError(f"cannot set '{self.name}' of an envoy")
+        setter(obj, value)
+
+
+def _attach(owner, name, child):
+    """Makes the child envoy ``owner.name`` (mounting it over an Envoy attribute of that name)."""
+    if name in _MOUNTED_NAMES:
+        _mount(owner, name)
+    elif name in _SELF_RETURNING:
+        object.__setattr__(owner, name, child)
+    else:
+        _expose(owner, name, child)
+
+
+def _mount(owner, name):
+    cls = type(owner)
+    if not cls.__dict__.get("_preserved", False):
+        # A class of this envoy's own, so that the mount concerns this module only.
+        cls = type(f"{cls.__name__}.Preserved", (cls,), {"_preserved": True, "__module__": cls.__module__})
+        object.__setattr__(owner, "__class__", cls)
+    original = inspect.getattr_static(cls, name)
+    if isinstance(original, _Mounted):
+        return
+    warnings.warn(
+        f"Module of type `{type(owner._module)}` has pre-defined a `{name}` attribute. nnsight access for "
+        f"`{name}` will be mounted at `.nns_{name}` instead of `.{name}` for this module only.",
+        stacklevel=4,
+    )
+    setattr(cls, f"nns_{name}", original)
+    setattr(cls, name, _Mounted(name, original))
 
 
 def _expose(owner, name, child):
@@ -264,29 +359,62 @@ class IterationEnvoy:
     def _site(self, kind, projection):
         return self._envoy._open_tracer("iteration")._site(self._envoy._path, kind, projection, self._calls)
 
+    def _set_site(self, what, kind, projection, value):
+        self._envoy._open_tracer(what)._swap(self._envoy._path, kind, projection, value, self._calls)
+
+    def _mounted(self, name):
+        """The child envoy mounted under `name` (a submodule named `output`), or None."""
+        child = self._envoy._children.get(name)
+        return None if child is None else IterationEnvoy(child, self._calls, persist=False)
+
     @property
     def output(self):
-        return self._site(OUTPUT, WHOLE)
+        return self._mounted("output") or self._site(OUTPUT, WHOLE)
 
     @output.setter
     def output(self, value):
-        self._envoy._open_tracer("output")._swap(self._envoy._path, OUTPUT, WHOLE, value, self._calls)
+        self._set_site("output", OUTPUT, WHOLE, value)
 
     @property
     def inputs(self):
-        return self._site(INPUT, WHOLE)
+        return self._mounted("inputs") or self._site(INPUT, WHOLE)
 
     @inputs.setter
     def inputs(self, value):
-        self._envoy._open_tracer("inputs")._swap(self._envoy._path, INPUT, WHOLE, value, self._calls)
+        self._set_site("inputs", INPUT, WHOLE, value)
 
     @property
     def input(self):
-        return self._site(INPUT, FIRST_ARG)
+        return self._mounted("input") or self._site(INPUT, FIRST_ARG)
 
     @input.setter
     def input(self, value):
-        self._envoy._open_tracer("input")._swap(self._envoy._path, INPUT, FIRST_ARG, value, self._calls)
+        self._set_site("input", INPUT, FIRST_ARG, value)
+
+    # The module's own values when a submodule is mounted under their names.
+    @property
+    def nns_output(self):
+        return self._site(OUTPUT, WHOLE)
+
+    @nns_output.setter
+    def nns_output(self, value):
+        self._set_site("output", OUTPUT, WHOLE, value)
+
+    @property
+    def nns_inputs(self):
+        return self._site(INPUT, WHOLE)
+
+    @nns_inputs.setter
+    def nns_inputs(self, value):
+        self._set_site("inputs", INPUT, WHOLE, value)
+
+    @property
+    def nns_input(self):
+        return self._site(INPUT, FIRST_ARG)
+
+    @nns_input.setter
+    def nns_input(self, value):
+        self._set_site("input", INPUT, FIRST_ARG, value)
 
     def __getattr__(self, name):
         attr = getattr(self._envoy, name)
@@ -295,7 +423,7 @@ class IterationEnvoy:
         return attr
 
     def __setattr__(self, name, value):
-        if name in ("output", "input", "inputs"):
+        if name in ("output", "input", "inputs", "nns_output", "nns_input", "nns_inputs"):
             object.__setattr__(self, name, value)
         else:
             setattr(self._envoy, name, value)

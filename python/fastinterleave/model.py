@@ -2,7 +2,7 @@
 
 import torch
 
-from .envoy import Envoy, _expose, _unexpose
+from .envoy import _SELF_RETURNING, Envoy, _expose, _unexpose
 from .tracer import Tracer
 
 
@@ -18,7 +18,7 @@ class NNsight:
         object.__setattr__(self, "_envoy", Envoy(model, rename=rename))
         object.__setattr__(self, "_edits", [])  # graphs every trace starts with (model.edit())
         for name, child in self._envoy._children.items():
-            _expose(self, name, child)
+            _expose_root(self, name, child)
 
     # -- tracing -------------------------------------------------------------------
 
@@ -148,7 +148,7 @@ class NNsight:
         setattr(self._envoy, name, value)
         child = self._envoy._children.get(name)
         if child is not None:
-            _expose(self, name, child)
+            _expose_root(self, name, child)
         elif name in self.__dict__:
             _unexpose(self, name)
 
@@ -182,8 +182,39 @@ class NNsight:
     def inputs(self, value):
         self._envoy.inputs = value
 
+    @property
+    def device(self):
+        """The device of the model's first parameter (None without parameters)."""
+        for param in self._model.parameters():
+            return param.device
+        return None
+
     def __repr__(self):
         return f"{type(self).__name__}({self._model!r})"
+
+
+def _expose_root(owner, name, child):
+    """``model.name`` is the child envoy; a child named like one of the module methods
+    below hides the method, as it does on an envoy."""
+    if name in _SELF_RETURNING:
+        object.__setattr__(owner, name, child)
+    else:
+        _expose(owner, name, child)
+
+
+def _wrapper_method(name):
+    def method(self, *args, **kwargs):
+        result = getattr(self._envoy, name)(*args, **kwargs)
+        return self if result is self._envoy else result
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"The model's ``{name}(...)``; returns this wrapper (``model = model.{name}(...)`` keeps it)."
+    return method
+
+
+# `model = model.to("cuda")` / `.eval()` / ... keep the wrapper (nnsight 0.4 does it for `to`).
+for _name in _SELF_RETURNING:
+    setattr(NNsight, _name, _wrapper_method(_name))
 
 
 def batch_all(inputs):

@@ -1,6 +1,8 @@
 """Proxy: a stand-in for a value inside a trace; operations on it record nodes."""
 
 import copy
+import copyreg
+import functools
 import operator
 import sys
 
@@ -266,8 +268,25 @@ class Proxy(_C.ProxyBase):
         return copy.deepcopy(self._copyable(), memo)
 
     def __reduce_ex__(self, protocol):
-        # pickle (torch.save of a dict of saved proxies): the value, which loads as itself.
-        return (_FIRST, ([self._copyable()],))
+        # pickle (torch.save of a dict of saved proxies): the value's own reduction, so the
+        # file holds the value (a tensor loads with torch.load's weights_only default).
+        value = self._copyable()
+        reducer = copyreg.dispatch_table.get(type(value))
+        reduced = reducer(value) if reducer is not None else value.__reduce_ex__(max(protocol, 2))
+        if type(reduced) is tuple and getattr(reduced[0], "__name__", "") in ("__newobj__", "__newobj_ex__"):
+            # pickle checks that a __newobj__ reduction makes the pickled object's class
+            # (here the proxy's): the same construction through `cls.__new__` instead.
+            if reduced[0].__name__ == "__newobj__":
+                cls, *args = reduced[1]
+                make = cls.__new__
+            else:
+                cls, args, kwargs = reduced[1]
+                make, args = functools.partial(cls.__new__, cls, *args, **kwargs), ()
+                cls = None
+            reduced = (make, (cls, *args) if cls is not None else tuple(args), *reduced[2:])
+        elif type(reduced) is str:  # a global (a function, a class): pickled by name, in a list
+            reduced = (operator.itemgetter(0), ([value],))
+        return reduced
 
     def _copyable(self):
         if self._graph.state == DONE:
@@ -295,7 +314,6 @@ class Proxy(_C.ProxyBase):
 
 
 _GRAD = Proxy.grad
-_FIRST = operator.itemgetter(0)  # pickles by reference to the standard library
 
 _TENSOR_GETITEM = __import__("torch").Tensor.__getitem__
 _TENSOR_SETITEM = __import__("torch").Tensor.__setitem__
