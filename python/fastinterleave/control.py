@@ -27,11 +27,13 @@ import dis
 import linecache
 import operator
 import sys
+import threading
 
 from . import _C
 from .graph import CALL, OPEN
 
-# Open branches, innermost last (Tracer.__exit__ / Session.__exit__ check it).
+# Open branches of every thread, innermost last (a trace's or session's exit checks
+# it); a frame's own are those with its `frame`.
 BRANCHES = []
 
 _JUMP_IF_FALSE = frozenset(("POP_JUMP_IF_FALSE", "POP_JUMP_FORWARD_IF_FALSE", "POP_JUMP_BACKWARD_IF_FALSE"))
@@ -304,42 +306,53 @@ def branch(proxy, frame):
 
 
 # The trace functions: ours, and what was installed before (chained, then restored).
-_installed = False
-_previous_global = None
+# sys.settrace is per thread: so is what it replaced.
+_thread = threading.local()  # .previous: the thread's trace function before ours; .frames: frames traced
 _frames = {}  # frame -> its local trace function before ours
 _unwinding = set()  # frames an exception is passing through
 
 
+def _top(frame):
+    """The innermost open branch of `frame`, or None."""
+    for b in reversed(BRANCHES):
+        if b.frame is frame:
+            return b
+    return None
+
+
 def _install(frame):
-    global _installed, _previous_global
-    if not _installed:
-        _previous_global = sys.gettrace()
+    state = _thread
+    if not getattr(state, "frames", 0):
+        state.previous = sys.gettrace()
+        state.frames = 0
         sys.settrace(_global_trace)
-        _installed = True
     if frame not in _frames:
         _frames[frame] = frame.f_trace
         frame.f_trace = _local_trace
+        state.frames += 1
 
 
 def _global_trace(frame, event, arg):
     # New frames are traced only by what traced them before (a frame with an
     # `if proxy:` installs _local_trace itself).
-    previous = _previous_global
+    previous = getattr(_thread, "previous", None)
     if previous is not None:
         return previous(frame, event, arg)
     return None
 
 
 def _release(frame):
-    """Stops tracing `frame` (and the thread, once no frame is traced) for branches."""
-    global _installed, _previous_global
+    """Stops tracing `frame` (and the thread, once none of its frames is) for branches."""
+    state = _thread
+    traced = frame in _frames
     previous = _frames.pop(frame, None)
     _unwinding.discard(frame)
     frame.f_trace = previous
-    if not _frames and _installed:
-        _installed = False
-        sys.settrace(_previous_global)
-        _previous_global = None
+    if traced:
+        state.frames -= 1
+        if state.frames == 0:
+            sys.settrace(state.previous)
+            state.previous = None
     return previous
 
 
@@ -367,8 +380,10 @@ def _on_event(frame, event):
     if event == "line":
         _unwinding.discard(frame)
         line = frame.f_lineno
-        while BRANCHES and BRANCHES[-1].frame is frame:
-            b = BRANCHES[-1]
+        while True:
+            b = _top(frame)
+            if b is None:
+                return False
             if b.lo <= line <= b.hi:
                 return True
             b.block.__exit__(None, None, None)
@@ -386,11 +401,10 @@ def _on_event(frame, event):
                         ) from None
                     sys.call_tracing(exec, (b.info.compiled_else(), frame.f_globals))
                     b.block.__exit__(None, None, None)
-                    BRANCHES.pop()
+                    BRANCHES.remove(b)
                     continue
                 return True
-            BRANCHES.pop()
-        return any(b.frame is frame for b in BRANCHES)
+            BRANCHES.remove(b)
     if event == "exception":
         _unwinding.add(frame)
         return True
@@ -401,15 +415,16 @@ def _on_event(frame, event):
         # The body ended with its function: no line follows in this frame to jump
         # from. The else part runs here, on a copy of the locals (the function is
         # returning: nothing in it reads them after).
-        while BRANCHES and BRANCHES[-1].frame is frame:
-            b = BRANCHES[-1]
+        while True:
+            b = _top(frame)
+            if b is None:
+                return False
             b.block.__exit__(None, None, None)
             if b.phase == _BODY and b.info.orelse is not None:
                 _open_else(b)
                 sys.call_tracing(exec, (b.info.compiled_else(), frame.f_globals, dict(frame.f_locals)))
                 b.block.__exit__(None, None, None)
-            BRANCHES.pop()
-        return False
+            BRANCHES.remove(b)
     return True
 
 
@@ -423,8 +438,11 @@ def _open_else(b):
 def _abort_frame(frame):
     """An exception leaves the branches of `frame`: they close where they are (their
     else parts are not recorded) and the frame is no longer traced."""
-    while BRANCHES and BRANCHES[-1].frame is frame:
-        b = BRANCHES.pop()
+    while True:
+        b = _top(frame)
+        if b is None:
+            break
+        BRANCHES.remove(b)
         try:
             b.block.__exit__(None, None, None)
         except BaseException:
