@@ -285,7 +285,8 @@ class _Branch:
 
 def branch(proxy, frame):
     """``if proxy:`` in `frame`: opens the branch and returns what makes Python run its body."""
-    owner = OPEN[-1] if OPEN else None
+    blocks = OPEN.get()
+    owner = blocks[-1] if blocks else None
     if owner is None:
         raise _C.InterventionError(
             "this proxy belongs to a trace that is no longer being recorded (its `with` block failed?): "
@@ -551,7 +552,8 @@ def loop(proxy, frame):
     found = _for_at(frame)
     if type(found) is str:
         raise _C.InterventionError(found)
-    owner = OPEN[-1] if OPEN else None
+    blocks = OPEN.get()
+    owner = blocks[-1] if blocks else None
     if owner is None or not hasattr(owner, "iter"):
         if owner is not None:
             raise _C.InterventionError(

@@ -1,5 +1,6 @@
 """Envoy: a module of the wrapped model, with its .output / .input / .inputs."""
 
+import contextvars
 import inspect
 import warnings
 
@@ -20,8 +21,14 @@ class Envoy:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_root", root if root is not None else self)
-        object.__setattr__(self, "_tracer", None)  # the open tracer (root envoy only)
-        object.__setattr__(self, "_session", None)  # the open session (root envoy only)
+        # The model's open trace and session, per thread / asyncio task (set by
+        # _C.Context as a block opens; every envoy of the model shares them).
+        if root is None:
+            object.__setattr__(self, "_tracer_var", contextvars.ContextVar("fastinterleave.trace", default=None))
+            object.__setattr__(self, "_session_var", contextvars.ContextVar("fastinterleave.session", default=None))
+        else:
+            object.__setattr__(self, "_tracer_var", root._tracer_var)
+            object.__setattr__(self, "_session_var", root._session_var)
         # The engine's hooks on the model (root envoy only; shared by edit copies).
         object.__setattr__(self, "_hooks", ModelHooks(self) if root is None else None)
         object.__setattr__(self, "_rename", dict(rename or {}))
@@ -68,7 +75,7 @@ class Envoy:
                 f"{where} ({type(module).__name__}) has no submodule or attribute '{name}'. "
                 f"Its submodules: {valid}"
             ) from None
-        tracer = self._root._tracer
+        tracer = self._tracer_var.get()
         if tracer is not None and isinstance(attr, torch.Tensor):
             # Parameters and buffers read inside a trace are clones: edits do not touch the model.
             return tracer._graph.add(CALL, "clone", (attr.detach(),), fn=torch.Tensor.clone)
@@ -104,7 +111,7 @@ class Envoy:
         hooks do not fire, unless ``hook=True``: then the call is one of the module's
         calls, and `.output` / `.input` of it and of the modules it calls see it (a
         module attached to the model, as in nnsight)."""
-        tracer = self._root._tracer
+        tracer = self._tracer_var.get()
         if tracer is None:
             return self._module(*args, **kwargs)
         fn = self._module if hook else self._module.forward
@@ -147,8 +154,18 @@ class Envoy:
 
     # -- sites -------------------------------------------------------------------
 
+    @property
+    def _tracer(self):
+        """The model's trace open in this thread / task, or None."""
+        return self._tracer_var.get()
+
+    @property
+    def _session(self):
+        """The model's session open in this thread / task, or None."""
+        return self._session_var.get()
+
     def _open_tracer(self, what):
-        tracer = self._root._tracer
+        tracer = self._tracer_var.get()
         if tracer is None:
             where = f"'{self._path}'" if self._path else "the model"
             raise _C.InterventionError(
@@ -159,7 +176,7 @@ class Envoy:
     @property
     def output(self):
         """The module's output (a proxy)."""
-        tracer = self._root._tracer  # (_open_tracer, inlined: the hot path)
+        tracer = self._tracer_var.get()  # (_open_tracer, inlined: the hot path)
         if tracer is None:
             self._open_tracer("output")
         return tracer._site(self._path, OUTPUT, WHOLE)
@@ -171,7 +188,7 @@ class Envoy:
     @property
     def inputs(self):
         """``(args, kwargs)`` the module is called with (a proxy)."""
-        tracer = self._root._tracer  # (_open_tracer, inlined: the hot path)
+        tracer = self._tracer_var.get()  # (_open_tracer, inlined: the hot path)
         if tracer is None:
             self._open_tracer("inputs")
         return tracer._site(self._path, INPUT, WHOLE)
@@ -183,7 +200,7 @@ class Envoy:
     @property
     def input(self):
         """The module's first positional argument (a proxy)."""
-        tracer = self._root._tracer  # (_open_tracer, inlined: the hot path)
+        tracer = self._tracer_var.get()  # (_open_tracer, inlined: the hot path)
         if tracer is None:
             self._open_tracer("input")
         return tracer._site(self._path, INPUT, FIRST_ARG)

@@ -5,6 +5,7 @@ orders, counts or runs them (after the trace, operations on proxies evaluate
 eagerly on their values instead).
 """
 
+import contextvars
 import operator
 import os
 
@@ -27,9 +28,11 @@ RECORDING, DONE, RUNNING = 0, 1, 2
 
 _LINE_OF_NODE = operator.itemgetter(9)  # a node record's line index
 
-# Traces and sessions being recorded, innermost last. An operation on a proxy
-# of another recording graph (a session's earlier trace) records here.
-OPEN = []
+# Traces and sessions being recorded in this thread / asyncio task, innermost
+# last (a tuple; _C.Context sets it). An operation on a proxy of another
+# recording graph (a session's earlier trace) records in the innermost.
+OPEN = contextvars.ContextVar("fastinterleave.open", default=())
+_open_blocks = OPEN.get
 
 
 class Graph:
@@ -61,8 +64,9 @@ class Graph:
         """Records a node and returns its proxy (or, after the trace, the value)."""
         if self.state != RECORDING:
             return self._eager(op, name, args, kwargs, fn)
-        if OPEN and OPEN[-1]._graph is not self:
-            return OPEN[-1]._graph.add(op, name, args, kwargs, site, iteration, projection, fn)
+        blocks = _open_blocks()
+        if blocks and blocks[-1]._graph is not self:
+            return blocks[-1]._graph.add(op, name, args, kwargs, site, iteration, projection, fn)
         py_fn = -1 if fn is None else self.fn_id(fn)
         if self.shared:
             _keep_foreign(self, args)

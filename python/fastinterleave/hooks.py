@@ -8,6 +8,7 @@ with other sites removes the hooks it does not need. They all go when the
 wrapper is garbage collected, or with ``model.remove_hooks()``.
 """
 
+import threading
 import weakref
 
 from . import _C
@@ -17,13 +18,14 @@ from .graph import OUTPUT
 class ModelHooks:
     """The installed hooks of one wrapped model: ``(path, kind) -> (module, SiteHook, handle)``."""
 
-    __slots__ = ("_installed", "_sites", "_hooks", "busy", "_finalizer", "__weakref__")
+    __slots__ = ("_installed", "_sites", "_hooks", "busy", "_lock", "_finalizer", "__weakref__")
 
     def __init__(self, owner):
         self._installed = {}
         self._sites = None  # the sites of the last run, in plan order
         self._hooks = []  # their hooks, in the same order
         self.busy = False  # a run uses the hooks (acquire() sets it; the caller clears it after the run)
+        self._lock = threading.Lock()  # two threads' traces: one takes the installed hooks
         # Removed with the wrapper (`owner` is shared by its edit copies).
         self._finalizer = weakref.finalize(owner, _remove_all, self._installed)
 
@@ -33,14 +35,16 @@ class ModelHooks:
         of other sites removed), with `remove` None: `busy` is then set, and the
         caller clears it once the run is over (a plain store, not a call: the hot
         path). While busy, hooks of the run's own, and `remove` to call after it."""
-        if self.busy:
-            # The model is already running a trace (called again from inside one, or
-            # from another thread): this run gets hooks of its own, removed after it.
-            return _temporary(sites, module_at)
-        if sites != self._sites:
-            self._install(sites, module_at)
-        self.busy = True
-        return self._hooks, None
+        with self._lock:
+            if not self.busy:
+                if sites != self._sites:
+                    self._install(sites, module_at)
+                self.busy = True
+                return self._hooks, None
+        # The model is already running a trace (called again from inside one, or from
+        # another thread: each run's hooks act on its own thread's calls only): this
+        # run gets hooks of its own, removed after it.
+        return _temporary(sites, module_at)
 
     def _install(self, sites, module_at):
         installed = self._installed

@@ -1,15 +1,23 @@
 """While a trace or session is recorded, torch's tensor factories (and
-DataLoader) accept proxies — ``torch.zeros(proxy.shape)`` — by recording a node."""
+DataLoader) accept proxies — ``torch.zeros(proxy.shape)`` — by recording a node.
+
+torch's argument parser refuses a proxy where it wants ints before any override
+could see it, so the factories themselves are replaced while a block is open
+(``_C.Context`` installs them with the first open block and restores the
+originals with the last, in C). A replaced factory records only for the thread /
+task that has a block open; every other call, from any thread, is the original's.
+"""
 
 import torch
 
+from . import _C
 from .graph import CALL, OPEN
 from .proxy import Proxy
 
 _FACTORIES = ("zeros", "ones", "empty", "full", "rand", "randn", "randint", "arange", "eye", "tensor")
 _ORIGINALS = {name: getattr(torch, name) for name in _FACTORIES}
 _ORIGINALS["DataLoader"] = torch.utils.data.DataLoader
-_depth = 0
+_open_blocks = OPEN.get
 
 
 def _has_proxy(values):
@@ -23,9 +31,10 @@ def _has_proxy(values):
 
 def _recording(name, original):
     def factory(*args, **kwargs):
-        if OPEN and (_has_proxy(args) or _has_proxy(kwargs.values())):
+        blocks = _open_blocks()
+        if blocks and (_has_proxy(args) or _has_proxy(kwargs.values())):
             aten = "" if name == "DataLoader" else name
-            return OPEN[-1]._graph.add(CALL, aten, args, kwargs or None, fn=original)
+            return blocks[-1]._graph.add(CALL, aten, args, kwargs or None, fn=original)
         return original(*args, **kwargs)
 
     factory.__name__ = getattr(original, "__name__", name)
@@ -34,24 +43,8 @@ def _recording(name, original):
 
 
 _PATCHED = {name: _recording(name, fn) for name, fn in _ORIGINALS.items()}
-# Installed with one dict update per namespace (cheaper than a setattr each, per trace).
-_TORCH, _DATA = vars(torch), vars(torch.utils.data)
-_ON = {name: _PATCHED[name] for name in _FACTORIES}
-_OFF = {name: _ORIGINALS[name] for name in _FACTORIES}
-
-
-def patch():
-    """Installs the recording factories (nested recordings share one install)."""
-    global _depth
-    _depth += 1
-    if _depth == 1:
-        _TORCH.update(_ON)
-        _DATA["DataLoader"] = _PATCHED["DataLoader"]
-
-
-def unpatch():
-    global _depth
-    _depth -= 1
-    if _depth == 0:
-        _TORCH.update(_OFF)
-        _DATA["DataLoader"] = _ORIGINALS["DataLoader"]
+# (namespace, recording, original): one dict update per namespace, per switch.
+_C.set_context_state(OPEN, [
+    (vars(torch), {n: _PATCHED[n] for n in _FACTORIES}, {n: _ORIGINALS[n] for n in _FACTORIES}),
+    (vars(torch.utils.data), {"DataLoader": _PATCHED["DataLoader"]}, {"DataLoader": _ORIGINALS["DataLoader"]}),
+])

@@ -2,11 +2,9 @@
 one block and run in order when it exits. Values flow between them without
 ``.save()``; ``session.iter`` loops over steps, ``session.cond`` guards them."""
 
-import sys
-
 import torch
 
-from . import _C, patching
+from . import _C, patching  # noqa: F401  (patching: the factories every block installs)
 from .config import CONFIG
 from .control import BRANCHES
 from .graph import CALL, OPEN, STOP, Graph, _keep_foreign, resolve
@@ -16,34 +14,33 @@ class _Break(Exception):
     """A session-level stop(): leaves the innermost session.iter loop."""
 
 
-class Session:
-    """``with model.session() as session:`` — traces inside run when the block exits."""
+class Session(_C.Context):
+    """``with model.session() as session:`` — traces inside run when the block exits.
+
+    Entered and left in C (_C.Context: the model's open session in this thread /
+    task, the factories); _enter / _exit are the Python parts."""
+
+    _pauses_gc = False
 
     def __init__(self, model, scan=False, validate=False):
+        _install_optimizer_recording()
         self._model = model
+        self._var = model._envoy._session_var
         self._scan = scan  # the default of every trace inside (model.session(scan=..., validate=...))
         self._validate = validate
         self._steps = []
         self._stack = [self._steps]
         self._graph = None
         self._graphs = []
-        self._frame = None
 
     # -- recording -------------------------------------------------------------------
 
-    def __enter__(self):
-        from .tracer import _OPEN
+    def _refuse(self, open_session):
+        raise _C.InterventionError("a session of this model is already open: sessions cannot be nested")
 
-        root = self._model._envoy
-        if root._session is not None:
-            raise _C.InterventionError("a session of this model is already open: sessions cannot be nested")
-        if root._tracer is not None:
+    def _enter(self):
+        if self._model._envoy._tracer is not None:
             raise _C.InterventionError("a session cannot be opened inside a trace")
-        object.__setattr__(root, "_session", self)
-        _OPEN.append(self)
-        patching.patch()
-        _record_optimizers(True)
-        self._frame = sys._getframe(1)
         self._new_segment()
         return self
 
@@ -90,14 +87,9 @@ class Session:
         """``with session.cond(c):`` runs the block's steps only if `c` is true then."""
         return _Guard(self, condition)
 
-    def __exit__(self, exc_type, exc, tb):
-        from .tracer import _OPEN, _inject
+    def _exit(self, exc_type, exc, tb):
+        from .tracer import _inject
 
-        object.__setattr__(self._model._envoy, "_session", None)
-        if self in _OPEN:
-            _OPEN.remove(self)
-            patching.unpatch()
-            _record_optimizers(False)
         if BRANCHES:
             from .control import finish
 
@@ -242,9 +234,12 @@ class _Guard(_Block):
 # While a session is recorded, constructing a torch optimizer records it (as in
 # nnsight 0.4): ``optimizer.step()`` / ``.zero_grad()`` then run in order with the
 # session's traces (training a parameter made in the session, nnsight's LoRA
-# example), not at once while recording.
-_optimizer_depth = 0
+# example), not at once while recording. Optimizer.__new__ is replaced once, with
+# the first session made, and stays: outside a session being recorded in the
+# calling thread / task it is object.__new__ (so no block's entry or exit changes
+# torch, and no interrupt can leave it half changed).
 _OPTIMIZER = torch.optim.Optimizer
+_open_blocks = OPEN.get
 
 
 def _construct(cls, *args, **kwargs):
@@ -252,17 +247,14 @@ def _construct(cls, *args, **kwargs):
 
 
 def _optimizer_new(cls, *args, **kwargs):
-    if OPEN and _optimizer_depth and OPEN[-1]._graph.state == 0:
-        return OPEN[-1]._graph.add(CALL, "", (cls, *args), kwargs or None, fn=_construct)
+    blocks = _open_blocks()
+    if blocks and blocks[-1]._graph.state == 0 and any(isinstance(b, Session) for b in blocks):
+        return blocks[-1]._graph.add(CALL, "", (cls, *args), kwargs or None, fn=_construct)
     return object.__new__(cls)
 
 
-def _record_optimizers(on):
-    global _optimizer_depth
-    _optimizer_depth += 1 if on else -1
-    if on and _optimizer_depth == 1:
+def _install_optimizer_recording():
+    if _OPTIMIZER.__dict__.get("__new__") is not _optimizer_new:
         _OPTIMIZER.__new__ = _optimizer_new
-    elif not on and _optimizer_depth == 0:
-        del _OPTIMIZER.__new__
 
 

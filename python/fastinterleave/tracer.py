@@ -1,12 +1,11 @@
 """Tracer and Invoker: record interventions, then run them with the model."""
 
-import gc
 import sys
 import weakref
 
 import torch
 
-from . import _C, patching
+from . import _C, patching  # noqa: F401  (patching: the factories every block installs)
 from .config import CONFIG
 from .control import BRANCHES as _BRANCHES
 from .errors import annotate
@@ -18,13 +17,10 @@ Tensor = torch.Tensor
 # Python builtins the engine runs natively (TorchScript's operators of the same meaning).
 _BUILTIN_OPS = {len: "len", abs: "abs", int: "Int", float: "Float", bool: "Bool"}
 
-# Traces being recorded, innermost last (module-level helpers record into it).
-_OPEN = OPEN
-
-
 def current_tracer():
-    """The trace being recorded, or None."""
-    return _OPEN[-1] if _OPEN else None
+    """The innermost trace or session being recorded in this thread / task, or None."""
+    blocks = OPEN.get()
+    return blocks[-1] if blocks else None
 
 
 class Invoker:
@@ -102,16 +98,21 @@ class Invoker:
         return False
 
 
-class Tracer:
+class Tracer(_C.Context):
     """``with model.trace(...) as tracer:`` records interventions; they run with
-    one forward pass of all invokes' inputs when the block exits."""
+    one forward pass of all invokes' inputs when the block exits.
+
+    Entering and leaving (the open trace of the model in this thread / task, the
+    factories, the collector's pause) happen in C (_C.Context): no interrupt can
+    leave them half done. _enter / _exit are the Python parts."""
+
+    _pauses_gc = True  # see _C.Context: paused while the trace records and runs
 
     # Defaults read from the class until set (a trace's fixed cost is mostly such stores).
     _scan = False
     _run_model = True
     _fakes = {}  # scan=True: invoker index -> {(path, kind): fake values per call} (then per trace)
     _invoker = None
-    _frame = None
     _implicit = None
     _model_kwargs = {}  # replaced, never changed in place
     output = None
@@ -124,6 +125,7 @@ class Tracer:
                 "fastinterleave runs models locally: remote execution (remote=True / backend=...) is not supported"
             )
         self._model = model
+        self._var = model._envoy._tracer_var  # the model's open trace (set by _C.Context)
         self._graph = graph = Graph()
         self._session = model._envoy._session
         if self._session is not None:
@@ -151,64 +153,30 @@ class Tracer:
 
     # -- the block -------------------------------------------------------------------
 
-    def __enter__(self):
-        global _gc_paused, _gc_was_enabled
-        root = self._model._envoy
-        if root._tracer is not None:
-            raise _C.InterventionError("a trace of this model is already open: traces cannot be nested")
-        object.__setattr__(root, "_tracer", self)
-        _OPEN.append(self)
-        patching.patch()
-        if _gc_paused == 0:  # the collector paused (see _gc_paused below)
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_paused += 1
-        self._frame = sys._getframe(1)
+    def _refuse(self, open_trace):
+        raise _C.InterventionError("a trace of this model is already open: traces cannot be nested")
+
+    def _enter(self):
         if self._implicit is not None:
-            try:
-                self._implicit.__enter__()
-            except BaseException:
-                self._close()
-                _resume_gc()
-                raise
+            self._implicit.__enter__()
         return self
 
-    def _close(self):
-        object.__setattr__(self._model._envoy, "_tracer", None)
-        if self in _OPEN:
-            _OPEN.remove(self)
-            patching.unpatch()
-
-    def __exit__(self, exc_type, exc, tb):
-        global _gc_paused
-        try:
-            self._invoker = None  # the implicit invoke ends with the block
-            object.__setattr__(self._model._envoy, "_tracer", None)  # (_close, inlined: the hot path)
-            if _OPEN and _OPEN[-1] is self:
-                _OPEN.pop()
-                patching.unpatch()
-            elif self in _OPEN:
-                _OPEN.remove(self)
-                patching.unpatch()
-            frame, self._frame = self._frame, None
-            if _BRANCHES:  # `if proxy:` branches left open (an error, or a debugger's trace function)
-                _finish_branches(self, exc_type is not None)
-            if exc_type is not None:
-                return False
-            if self._session is not None:
-                self._session._add_trace(self)  # runs when the session exits
-                return False
-            if not self._run_model:  # model.scan(...): shapes only
-                return False
-            self._execute()
-            values = self._graph.values
-            if values and CONFIG.APP.FRAME_INJECTION:
-                _C.inject(frame, self._graph, values)  # (_inject, inlined: the hot path)
+    def _exit(self, exc_type, exc, tb):
+        self._invoker = None  # the implicit invoke ends with the block
+        if _BRANCHES:  # `if proxy:` branches left open (an error, or a debugger's trace function)
+            _finish_branches(self, exc_type is not None)
+        if exc_type is not None:
             return False
-        finally:
-            _gc_paused -= 1  # (_resume_gc, inlined: the hot path)
-            if _gc_paused == 0 and _gc_was_enabled:
-                gc.enable()
+        if self._session is not None:
+            self._session._add_trace(self)  # runs when the session exits
+            return False
+        if not self._run_model:  # model.scan(...): shapes only
+            return False
+        self._execute()
+        values = self._graph.values
+        if values and CONFIG.APP.FRAME_INJECTION:
+            _C.inject(self._frame, self._graph, values)  # (_inject, inlined: the hot path)
+        return False
 
     def invoke(self, *inputs, scan=None, **kwargs):
         """A batch entry: ``with tracer.invoke(x):`` (all invokes run in one forward pass).
@@ -412,43 +380,19 @@ class EditTracer(Tracer):
         self._target = target
         self._graph.invoker = -1  # edits see the whole batch, whatever its size
 
-    def __enter__(self):
-        super().__enter__()
+    def _enter(self):
+        super()._enter()
         self._graph.invoker = -1
         return self._target
 
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if self._implicit is not None:
-                self._implicit.__exit__(None, None, None)
-            self._close()
-            self._frame = None
-            if _BRANCHES:
-                _finish_branches(self, exc_type is not None)
-            if exc_type is None:
-                self._target._edits = [*self._target._edits, self._graph]
-            return False
-        finally:
-            _resume_gc()
-
-
-# Python's cyclic garbage collector is paused while a trace is recorded and run
-# (nested traces and sessions count): a trace allocates many small containers
-# (nodes, proxies, argument tuples) that live until it ends, and young-generation
-# collections kept scanning them, then promoting them, which brings on full
-# collections of every object of the process (torch and transformers hold
-# hundreds of thousands). Tracer.__enter__ pauses it (its `with` block is the
-# only way in); it resumes, as it was, when the trace exits (_resume_gc, or
-# inline in Tracer.__exit__).
-_gc_paused = 0
-_gc_was_enabled = False
-
-
-def _resume_gc():
-    global _gc_paused
-    _gc_paused -= 1
-    if _gc_paused == 0 and _gc_was_enabled:
-        gc.enable()
+    def _exit(self, exc_type, exc, tb):
+        if self._implicit is not None:
+            self._implicit.__exit__(None, None, None)
+        if _BRANCHES:
+            _finish_branches(self, exc_type is not None)
+        if exc_type is None:
+            self._target._edits = [*self._target._edits, self._graph]
+        return False
 
 
 def _finish_branches(owner, failed):
