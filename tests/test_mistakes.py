@@ -52,3 +52,38 @@ def test_an_error_quotes_the_script_as_it_is_now(tmp_path):
         with pytest.raises(InterventionError) as info:
             runpy.run_path(str(script))
         assert edit in str(info.value)
+
+
+@pytest.mark.parametrize("spec", [
+    lambda m: m.layer1.iter[2**32 + 1],      # wrapped to call 1 in 32 bits, silently
+    lambda m: m.layer1.iter[2**31 - 1],
+    lambda m: m.layer1.iter[0:2**40],        # a raw "Unable to cast"
+    lambda m: m.layer1.iter[[0, 2**33]],
+    lambda m: m.layer1.next(2**40),
+])
+def test_call_indices_past_32_bits_are_refused(net, spec):
+    model = nnsight.NNsight(net)
+    with pytest.raises(InterventionError, match="too large"):
+        with model.trace(torch.rand(1, 5)):
+            spec(model).output.save()
+    assert_works(model, net)
+
+
+def test_a_typo_in_a_swap_is_an_attribute_error_naming_the_valid_names(net):
+    model = nnsight.NNsight(net)
+    with pytest.raises(AttributeError, match=r"'ouptut'.*Did you mean 'output'\?.*weight") as info:
+        with model.trace(torch.rand(1, 5)):
+            model.layer1.ouptut = model.layer1.output * 2
+    assert "bias" in str(info.value)
+    assert not hasattr(net.layer1, "ouptut")  # the user's module is untouched
+    assert_works(model, net)
+
+
+def test_setting_an_existing_attribute_or_a_module_inside_a_trace_still_works(net):
+    model = nnsight.NNsight(net)
+    with model.trace(torch.rand(1, 5)):
+        model.layer1.training = False
+        model.layer1.extra = torch.nn.Identity()
+        model.output.save()
+    assert isinstance(net.layer1.extra, torch.nn.Identity)
+    assert_works(model, net)

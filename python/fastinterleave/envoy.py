@@ -92,6 +92,10 @@ class Envoy:
             _attach(self, name, child)
             self._root._hooks.remove()  # hooks sit on the modules that were there
         else:
+            if self._tracer_var.get() is not None and not hasattr(self._module, name):
+                # Inside a trace a new attribute is a typo far more often than not
+                # (`envoy.ouptut = v` would silently add one to the user's module).
+                raise AttributeError(_unknown_attribute(self, name))
             setattr(self._module, name, value)
             if self._children.pop(name, None) is not None:  # a submodule replaced by a non-module
                 _unexpose(self, name)
@@ -125,6 +129,7 @@ class Envoy:
         current = tracer._iterations.get(self._path, 0)
         if type(current) is not int:
             raise _C.InterventionError(".next() cannot follow .all() or .iter[...] on the same module")
+        _check_call(current + n)
         for envoy in self.modules():
             tracer._iterations[envoy._path] = current + n
         return self
@@ -309,18 +314,37 @@ def _unexpose(owner, name):
         object.__delattr__(owner, name)
 
 
+# The engine counts a module's calls in 32 bits (a bounded range's stop included).
+_MAX_CALL = 2**31 - 2
+
+
+def _check_call(call, what="call index"):
+    if call > _MAX_CALL:
+        raise _C.InterventionError(
+            f"{what} {call} is too large: a module's calls are counted up to {_MAX_CALL} "
+            "(for every call from some index on, use .all() or .iter[start:])"
+        )
+    return call
+
+
 def _calls(spec):
     """An iteration spec as the engine takes it: int, (start, stop or None), or a sorted list."""
     if isinstance(spec, int) and not isinstance(spec, bool):
         if spec < 0:
             raise _C.InterventionError("call indices are counted from 0 and cannot be negative")
-        return spec
+        return _check_call(spec)
     if isinstance(spec, slice):
         if spec.step not in (None, 1):
             raise _C.InterventionError(".iter[a:b:step] with a step is not supported: list the calls instead")
         start = spec.start or 0
+        for bound in (start, spec.stop):
+            if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int)):
+                raise _C.InterventionError(f".iter[a:b] takes int bounds, not {type(bound).__name__}")
         if start < 0 or (spec.stop is not None and spec.stop <= start):
             raise _C.InterventionError(f".iter[{start}:{spec.stop}] names no call")
+        _check_call(start)
+        if spec.stop is not None:
+            _check_call(spec.stop - 1, "the last call of .iter[a:b],")
         return (start, spec.stop)
     if isinstance(spec, (list, tuple)):
         calls = sorted(set(_calls(int(c)) for c in spec))
@@ -328,6 +352,27 @@ def _calls(spec):
             raise _C.InterventionError(".iter[[]] names no call")
         return calls
     raise _C.InterventionError(f".iter[...] takes an int, a list of ints or a slice, not {type(spec).__name__}")
+
+
+def _unknown_attribute(envoy, name):
+    import difflib
+
+    module = envoy._module
+    values = ["output", "input", "inputs"]
+    children = sorted(envoy._children)
+    attrs = sorted(
+        ({*module._parameters, *module._buffers} | {n for n in vars(module) if not n.startswith("_")})
+        - set(envoy._children)
+    )
+    near = difflib.get_close_matches(name, values + children + attrs, n=1)
+    where = f"module '{envoy._path}'" if envoy._path else "the model"
+    hint = f" Did you mean '{near[0]}'?" if near else ""
+    return (
+        f"{where} ({type(module).__name__}) has no attribute '{name}' to set inside a trace (setting it would "
+        f"only add an attribute to the module).{hint} Settable here: its values {', '.join(values)}; "
+        f"its submodules {', '.join(children) or '(none)'}; its attributes {', '.join(attrs[:20])}"
+        + (", ..." if len(attrs) > 20 else "")
+    )
 
 
 class _IterIndexer:
