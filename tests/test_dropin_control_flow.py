@@ -460,3 +460,41 @@ def test_comprehension_over_a_proxy_is_an_error(model):
         with model.session():
             items = nnsight.list([1, 2])
             [i for i in items]
+
+
+def test_branches_recorded_by_two_threads_at_once(net, x):
+    # sys.settrace is per thread: each thread's branches close on its own lines.
+    import threading
+
+    models = [nnsight.NNsight(make_tiny()), nnsight.NNsight(make_tiny())]
+    barrier = threading.Barrier(2)
+    results, errors = {}, []
+
+    def work(k):
+        try:
+            model = models[k]
+            outs = []
+            for step in range(20):
+                with model.trace(x):
+                    barrier.wait(timeout=30)
+                    if model.layer1.output.sum() > 1000 * (1 - 2 * ((step + k) % 2)):
+                        model.layer1.output[:] = 1
+                    else:
+                        model.layer1.output[:] = 2
+                    outs.append(model.output.save())
+            results[k] = outs
+            assert sys.gettrace() is None
+        except BaseException as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k in range(2):
+        for step, out in enumerate(results[k]):
+            fill = 1 if (step + k) % 2 else 2  # the threshold is -1000 on odd steps, +1000 on even
+            assert_close(out.value, with_fill(net, x, fill))

@@ -246,15 +246,40 @@ def _construct(cls, *args, **kwargs):
     return cls(*args, **kwargs)
 
 
-def _optimizer_new(cls, *args, **kwargs):
+def _recorded(cls, args, kwargs):
+    """The node constructing ``cls(*args, **kwargs)`` if a session is being recorded here, else None."""
     blocks = _open_blocks()
     if blocks and blocks[-1]._graph.state == 0 and any(isinstance(b, Session) for b in blocks):
         return blocks[-1]._graph.add(CALL, "", (cls, *args), kwargs or None, fn=_construct)
-    return object.__new__(cls)
+    return None
+
+
+def _optimizer_new(cls, *args, **kwargs):
+    node = _recorded(cls, args, kwargs)
+    return object.__new__(cls) if node is None else node
+
+
+def _recording_new(own):
+    """An optimizer class's own ``__new__`` (nnsight 0.4.11's import gives every torch
+    optimizer one), recording like _optimizer_new first."""
+
+    def __new__(cls, *args, **kwargs):
+        node = _recorded(cls, args, kwargs)
+        return own(cls, *args, **kwargs) if node is None else node
+
+    __new__._fastinterleave_own = own
+    return __new__
 
 
 def _install_optimizer_recording():
     if _OPTIMIZER.__dict__.get("__new__") is not _optimizer_new:
         _OPTIMIZER.__new__ = _optimizer_new
+    classes = _OPTIMIZER.__subclasses__()
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        own = cls.__dict__.get("__new__")
+        if own is not None and not hasattr(own, "_fastinterleave_own"):
+            cls.__new__ = _recording_new(own)
 
 
