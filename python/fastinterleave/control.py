@@ -72,7 +72,7 @@ class _IfInfo:
 
 
 _instructions = {}  # code object -> {offset: Instruction}
-_statements = {}  # (code, offset) -> _IfInfo / ast.For, or an error message
+_statements = {}  # (code, file, offset) -> _IfInfo / ast.For, or an error message
 _trees = {}  # filename -> (lines, tree)
 
 
@@ -160,7 +160,7 @@ def _cache_entries(opname):
 def _if_at(frame):
     """The `if` statement whose test the frame is evaluating (an _IfInfo), or an error text."""
     code = frame.f_code
-    key = (code, frame.f_lasti)
+    key = (code, code.co_filename, frame.f_lasti)  # (code objects compare by content, not file)
     found = _statements.get(key)
     if found is not None:
         return found
@@ -488,7 +488,7 @@ _NOT_A_FOR = (
 
 
 def _for_at(frame):
-    key = (frame.f_code, frame.f_lasti)
+    key = (frame.f_code, frame.f_code.co_filename, frame.f_lasti)
     found = _statements.get(key)
     if found is None:
         found = _find_for(frame)
