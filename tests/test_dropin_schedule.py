@@ -308,3 +308,69 @@ def test_a_module_called_without_hook_fires_no_hook(net):
         assert_close(again, net.layer2(net.layer1(x) * 2))
         assert_close(seen, net(x))
         assert_close(out, net(x))
+
+
+# -- blocks of calls (.all()) -------------------------------------------------------------------
+
+
+class Loop(torch.nn.Module):
+    """`lin` runs three times per forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        for _ in range(3):
+            x = self.lin(x)
+        return x
+
+
+def loop_with(net, x, edit):
+    """net(x) with edit(call, output) in a plain forward hook on lin."""
+    calls = []
+
+    def hook(module, args, output):
+        edit(len(calls), output)
+        calls.append(1)
+
+    handle = net.lin.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return net(x)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("constant", [True, False])
+def test_a_branch_inside_an_all_block_is_decided_at_every_call(constant):
+    torch.manual_seed(0)
+    net = Loop().eval()
+    model = nnsight.NNsight(net)
+    x = torch.randn(2, 4)
+    with model.trace(x) as tracer:
+        with model.lin.all():
+            condition = True if constant else model.lin.output.sum() > 0
+            with tracer.cond(condition):
+                model.lin.output[:, 0] = 9.0
+        out = model.output.save()
+
+    def edit(call, output):
+        if constant or output.sum() > 0:
+            output[:, 0] = 9.0
+
+    assert_close(out, loop_with(net, x, edit))
+
+
+def test_a_value_read_before_an_all_block_is_read_once():
+    torch.manual_seed(0)
+    net = Loop().eval()
+    model = nnsight.NNsight(net)
+    x = torch.randn(2, 4)
+    with model.trace(x):
+        first = model.lin.output
+        scale = (first[:, 1] * 0 + 2.0).save()  # computed once, from call 0
+        with model.lin.all():
+            model.lin.output[:, 1] = model.lin.output[:, 1] * scale
+        out = model.output.save()
+    assert_close(out, loop_with(net, x, lambda call, o: o[:, 1].mul_(2.0)))

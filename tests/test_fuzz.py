@@ -16,8 +16,8 @@ sites accessed are in forward order; a patch reads a site at or before the one i
 edits; a stop is in the last invoke, after its access of the latest site accessed before
 the stop (in any invoke), and followed only by accesses of later sites. A second test
 appends an invoke that reads a site, accesses a later one, then edits the value read (a
-dead edit) and expects `InterventionError`. Reproducers of what the fuzzing found are at
-the end (strict xfail).
+dead edit) and expects `InterventionError`. Reproducers of the bugs the fuzzing found
+(fixed) are at the end.
 
 Sizes: FASTINTERLEAVE_FUZZ=ci (default; bounded, derandomized) or =nightly (5000
 examples per test, random); FASTINTERLEAVE_FUZZ_EXAMPLES=N overrides the count.
@@ -31,7 +31,7 @@ from typing import NamedTuple, Optional
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, note, reject, settings
+from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 from torch.testing import assert_close
@@ -583,26 +583,6 @@ def reference(net, program, inputs):
 # -- the tests ------------------------------------------------------------------------------
 
 
-def known_bug(program):
-    """Whether `program` has the pattern of an open fastinterleave bug (the strict-xfail
-    reproducers test_found_* at the end of this file): after a `with m.all():` block (in
-    its invoke or a later one), another access of `m`, or a patch. Remove when they pass."""
-    after = None
-    for _, op in program.ops():
-        if after is not None and (op.kind == "patch" or (op.site is not None and op.site.path == after)):
-            return True
-        if op.kind == "all":
-            after = op.site.path
-    return False
-
-
-def skip_known_bugs(program):
-    """CI keeps to programs without known bugs (green until they are fixed); the nightly
-    setting runs them too, and fails until they are fixed."""
-    if PROFILE == "ci" and known_bug(program):
-        reject()
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Thousands of forward passes of tiny models: one intra-op thread (on a busy machine,
@@ -649,7 +629,6 @@ def test_programs_match_plain_hooks(spec, examples):
     @fuzz_settings(examples)
     @given(programs(SPECS[spec]))
     def fuzz(program):
-        skip_known_bugs(program)
         check(program)
 
     fuzz()
@@ -686,7 +665,6 @@ def test_dead_edits_raise(spec, examples):
     @fuzz_settings(examples)
     @given(dead_edit_programs(SPECS[spec]))
     def fuzz(program):
-        skip_known_bugs(program)
         model, _ = models(program.spec)
         with pytest.raises(InterventionError):
             run_fastinterleave(model, program, inputs_of(program))
@@ -695,7 +673,7 @@ def test_dead_edits_raise(spec, examples):
     fuzz()
 
 
-# -- reproducers of what the fuzzing found (strict xfail until fixed) -----------------------
+# -- what the fuzzing found (reproducers of bugs fixed since) ---------------------------------
 
 
 def _loop_with(edits, x):
@@ -715,11 +693,9 @@ def _loop_with(edits, x):
         handle.remove()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "fastinterleave bug: a second `with lin.all():` block after an access of lin reuses the "
-    "first block's cached site proxy (Tracer._cache key (path, kind, projection, (0, None))), "
-    "so its edit runs at the accessed call only; nnsight 0.4.11 edits every call"))
 def test_found_second_all_block_after_an_access_edits_every_call():
+    """A second `with lin.all():` block after an access of lin edits every call (it reused
+    the first block's site node, whose body did not hold the second edit)."""
     x = torch.rand(2, 4, generator=torch.Generator().manual_seed(1))
     model = nnsight.NNsight(make_loop())
     with model.trace(x):
@@ -737,11 +713,8 @@ def test_found_second_all_block_after_an_access_edits_every_call():
     assert_close(out, _loop_with(edits, x))
 
 
-@pytest.mark.xfail(strict=True, raises=InterventionError, reason=(
-    "fastinterleave bug (same cause as above): a second `with lin.all():` block after an access "
-    "of a later module raises InterventionError ('would run after lin has already used the "
-    "value'); nnsight 0.4.11 edits every call, as the code says"))
 def test_found_second_all_block_after_a_later_access_is_not_dead():
+    """The same after an access of a later module: not a dead edit (it raised)."""
     x = torch.rand(2, 4, generator=torch.Generator().manual_seed(1))
     model = nnsight.NNsight(make_loop())
     with model.trace(x):
@@ -760,11 +733,9 @@ def test_found_second_all_block_after_a_later_access_is_not_dead():
     assert_close(between, want)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "fastinterleave bug: two edits of `lin.iter[0].output` from a value read before a "
-    "`with lin.all():` block crash the engine (INTERNAL ASSERT in csrc/core/scheduler.cpp: "
-    "'value of node 0 read after it was freed'); nnsight 0.4.11 computes it"))
 def test_found_edits_after_an_all_block_from_a_value_read_before_it():
+    """A value read before an `.all()` block, used by edits after it: read once (the
+    engine re-ran its read at every call and read a freed value: an internal assert)."""
     x = torch.rand(2, 4, generator=torch.Generator().manual_seed(1))
     model = nnsight.NNsight(make_loop())
     with model.trace(x):
@@ -784,12 +755,9 @@ def test_found_edits_after_an_all_block_from_a_value_read_before_it():
     assert_close(out, _loop_with(edits, x))
 
 
-@pytest.mark.xfail(strict=True, raises=InterventionError, reason=(
-    "fastinterleave bug: an edit of `lin.iter[0].output` after a `with lin.all():` block, "
-    "when lin's call-0 output was read before the block, raises InterventionError ('would "
-    "run after lin has already used the value', waiting for the block's access); nnsight "
-    "0.4.11 edits call 0, as the code says"))
 def test_found_edit_after_an_all_block_of_a_value_read_before_it():
+    """An edit of call 0 recorded after an `.all()` block runs once, at call 0 (it was
+    re-run with the block at call 1 and raised as dead)."""
     x = torch.rand(2, 4, generator=torch.Generator().manual_seed(1))
     model = nnsight.NNsight(make_loop())
     with model.trace(x):

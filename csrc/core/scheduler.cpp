@@ -658,7 +658,32 @@ bool Run::pending(int32_t site) const {
 }
 
 void Run::reset_body(int32_t node) {
-  for (int32_t j : bodies_[node]) {
+  // Only what depends on the site's value runs again for the next call: a node
+  // the walk reached after the binding but that reads nothing of it (a value
+  // read before the block, an edit of another call) ran once, as written.
+  std::vector<int32_t>& body = bodies_[node];
+  std::vector<uint8_t>& depends = on_demand_seen_;  // scratch, all 0 between uses
+  depends[static_cast<size_t>(node)] = 1;
+  size_t kept = 0;
+  for (const int32_t j : body) {
+    const auto i = static_cast<size_t>(j);
+    // A branch in the body is decided anew at each call (what it skipped runs again),
+    // and so is everything inside it (its Site nodes too).
+    const Op op = graph_.nodes[i].op;
+    const int32_t cond = plan_->enclosing_cond[i];
+    bool reads = op == Op::Cond || op == Op::EndCond || (cond >= 0 && depends[static_cast<size_t>(cond)] != 0);
+    for (auto k = plan_->deps_begin[i]; k < plan_->deps_begin[i + 1] && !reads; ++k) {
+      reads = depends[static_cast<size_t>(plan_->deps[static_cast<size_t>(k)])] != 0;
+    }
+    if (reads) {
+      depends[i] = 1;
+      body[kept++] = j;
+    }
+  }
+  body.resize(kept);
+  depends[static_cast<size_t>(node)] = 0;
+  for (const int32_t j : body) depends[static_cast<size_t>(j)] = 0;
+  for (int32_t j : body) {
     const auto i = static_cast<size_t>(j);
     done_[i] = 0;
     skipped_[i] = 0;
@@ -718,7 +743,8 @@ bool Run::fire(int32_t site, IValue& value) {
     const Node& nd = graph_.nodes[i];
     const bool repeats = nd.repeats();
     if (skipped_[i]) continue;  // in a branch not taken
-    if (repeats && done_[i]) reset_body(node);
+    // (A repeating site reset with an enclosing body still has its own body to reset.)
+    if (repeats && (done_[i] || !bodies_[node].empty())) reset_body(node);
     Slot s;
     s.set = true;
     if (nd.projection == Projection::FirstArg) {

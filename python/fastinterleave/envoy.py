@@ -401,6 +401,9 @@ class IterationEnvoy:
         saved = {e._path: tracer._iterations.get(e._path) for e in self._envoy.modules()}
         for path in saved:
             tracer._iterations[path] = self._calls
+        # A block of calls reads its modules anew: a value read before it (or in an
+        # earlier block) is not its value, and the nodes it records run per call.
+        tracer._cache.clear()
         object.__setattr__(self, "_saved", (tracer, saved))
 
     def __enter__(self):
@@ -415,6 +418,7 @@ class IterationEnvoy:
                 tracer._iterations.pop(path, None)
             else:
                 tracer._iterations[path] = before
+        tracer._cache.clear()
         object.__setattr__(self, "_saved", None)
         return False
 

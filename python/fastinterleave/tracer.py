@@ -127,7 +127,7 @@ class Tracer(_C.Context):
         self._model = model
         self._var = model._envoy._tracer_var  # the model's open trace (set by _C.Context)
         self._graph = graph = Graph()
-        self._session = model._envoy._session
+        self._session = model._envoy._session_var.get()
         if self._session is not None:
             graph.shared = True
             # model.session(scan=..., validate=...): the default of every trace inside it.
