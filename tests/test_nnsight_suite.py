@@ -96,11 +96,7 @@ VALUES_DIFFER = {
 # Tests that fail today because of fastinterleave bugs (not nnsight internals), with the
 # cause. Being fixed in python/fastinterleave and csrc; empty it as they pass (strict xfail:
 # a test that passes while listed here fails).
-PENDING = {
-    "test_tiny::test_bridged_node_cleanup": "an unsaved session value that a later step reads "
-        "stays readable after the session (graph.py _keep_foreign marks it saved), so .value "
-        "does not raise ValueError as in nnsight",
-}
+PENDING = {}
 
 assert not set(EXCLUDED) & set(PENDING)
 assert set(EXCLUDED) | set(PENDING) | set(VALUES_DIFFER) <= set(NNSIGHT_TESTS)

@@ -509,9 +509,9 @@ def iteration_iter_list_and_slice(ns):
     torch.manual_seed(1)
     with model.trace(torch.rand(1, 4)):
         picked = ns.list().save()
+        sliced = ns.list().save()
         with model.lin.iter[[0, 2]]:
             picked.append(model.lin.output * 1)
-        sliced = ns.list().save()
         with model.lin.iter[1:3]:
             sliced.append(model.lin.input * 1)
     return list(picked), list(sliced)
@@ -771,6 +771,45 @@ def test_same_values(name):
 
 
 # -- documented differences (rule 2): nnsight 0.4.11 silently does something else -------------------
+
+
+def test_differs_a_value_made_after_a_block_of_calls_is_made_once():
+    """`sliced = nnsight.list()` recorded after a `.iter[[0, 2]]` block does not read the
+    block's value, yet nnsight 0.4.11 makes it anew at the block's next call (call 2),
+    after the second block appended to it: it comes back empty. fastinterleave runs
+    again only what reads the block's value (DESIGN.md, rule 2: what the code says)."""
+
+    def run(ns):
+        model = ns.NNsight(make_rep())
+        torch.manual_seed(1)
+        x = torch.rand(1, 4)
+        with model.trace(x):
+            picked = ns.list().save()
+            with model.lin.iter[[0, 2]]:
+                picked.append(model.lin.output * 1)
+            sliced = ns.list().save()
+            with model.lin.iter[1:3]:
+                sliced.append(model.lin.input * 1)
+        return x, list(picked), list(sliced)
+
+    _, _, nn_sliced = ref(run, nnsight)
+    assert nn_sliced == []
+    x, picked, sliced = run(fastinterleave)
+    net = make_rep()
+    inputs, outputs = [], []
+
+    def record(module, args, output):
+        inputs.append(args[0])
+        outputs.append(output)
+
+    handle = net.lin.register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        handle.remove()
+    assert_same(picked, [outputs[0], outputs[2]])
+    assert_same(sliced, [inputs[1], inputs[2]])
 
 
 def test_differs_ineffective_edit_raises():

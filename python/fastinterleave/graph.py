@@ -47,6 +47,7 @@ class Graph:
     fake = None  # scan=True: node -> fake value (shapes while recording)
     fake_mode = None
     validate = False
+    bridged = ()  # in a session: nodes later steps read (kept while it runs, not after)
 
     def __init__(self):
         self.nodes = []
@@ -158,6 +159,18 @@ class Graph:
                 fns[py_fn] if py_fn >= 0 else -1, lines[line] if line >= 0 else -1,
             ))
 
+    def kept(self):
+        """The nodes whose values outlive the run: saved, and bridged to later steps."""
+        return self.saved + self.bridged if self.bridged else self.saved
+
+    def drop_bridged(self):
+        """After the session: the values only later steps needed are dropped."""
+        if self.bridged:
+            if self.values:
+                for node in set(self.bridged).difference(self.saved):
+                    self.values.pop(node, None)
+            self.bridged = ()
+
     def why_unset(self, node):
         where = self.describe(node)
         if node not in self.saved:
@@ -205,13 +218,16 @@ def map_proxies(obj, fn):
 
 
 def _keep_foreign(graph, obj):
-    """Marks proxies of other (still recording) graphs as saved: in a session a
-    later trace reads them without .save()."""
+    """Marks proxies of other (still recording) graphs as bridged: in a session a
+    later step reads them without .save(); after the session they are gone unless
+    saved (Graph.drop_bridged), as in nnsight."""
 
     def keep(proxy):
         other = proxy._graph
         if other is not graph and other.state == RECORDING:
-            other.saved.append(proxy._node)
+            if not other.bridged:
+                other.bridged = []
+            other.bridged.append(proxy._node)
         return proxy
 
     map_proxies(obj, keep)

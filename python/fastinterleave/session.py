@@ -112,6 +112,7 @@ class Session(_C.Context):
                     graph.finish(graph.values or {})
                 else:
                     graph.node_lines = graph.node_lines or []
+                graph.drop_bridged()
         if CONFIG.APP.FRAME_INJECTION:
             for graph in self._graphs:
                 _inject(self._frame, graph)
@@ -148,7 +149,7 @@ def _run_segment(graph):
     """Runs session-level nodes (no model): all of them run at once."""
     from .errors import annotate
 
-    saved = sorted(set(graph.saved))
+    saved = sorted(set(graph.kept()))
     graph.state = 2
     try:
         plan = _C.compile(graph.nodes, graph.sites, [], 0, saved, graph.lines, graph)

@@ -292,7 +292,7 @@ class Tracer(_C.Context):
             forward = model._model if model._plain_execute else model._execute
             try:
                 self._plan_handle, self.output, values = _C.run_trace(
-                    graph.nodes, graph.sites, layout, start, graph.saved, graph.lines, graph, graph.fns,
+                    graph.nodes, graph.sites, layout, start, graph.kept(), graph.lines, graph, graph.fns,
                     CONFIG.engine.python_fallback, hooks, forward, args, kwargs,
                 )
             finally:
