@@ -199,8 +199,11 @@ PyObject* context_exit(PyObject* obj, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 PyObject* context_new(PyTypeObject* type, PyObject* /*args*/, PyObject* /*kwargs*/) {
-  // (Subclasses take their own arguments in __init__.)
-  return type->tp_alloc(type, 0);
+  // object.__new__, not tp_alloc alone: it sets up a Python subclass's inline
+  // attribute values (without them every attribute of a trace is a dict lookup).
+  // Subclasses take their own arguments in __init__.
+  static PyObject* const no_args = PyTuple_New(0);
+  return PyBaseObject_Type.tp_new(type, no_args, nullptr);
 }
 
 int context_traverse(PyObject* obj, visitproc visit, void* arg) {

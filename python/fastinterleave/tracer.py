@@ -290,9 +290,10 @@ class Tracer(_C.Context):
             model_hooks = model._envoy._hooks
             hooks, remove = model_hooks.acquire(graph.sites, model._module_at)
             forward = model._model if model._plain_execute else model._execute
+            saved = graph.saved + graph.bridged if graph.bridged else graph.saved  # (Graph.kept, inlined)
             try:
                 self._plan_handle, self.output, values = _C.run_trace(
-                    graph.nodes, graph.sites, layout, start, graph.kept(), graph.lines, graph, graph.fns,
+                    graph.nodes, graph.sites, layout, start, saved, graph.lines, graph, graph.fns,
                     CONFIG.engine.python_fallback, hooks, forward, args, kwargs,
                 )
             finally:
