@@ -65,6 +65,54 @@ def make_gpt2(n_layer=2, n_embd=32, n_head=2, vocab_size=100, device="cpu", seed
     return GPT2LMHeadModel(config).to(device).eval()
 
 
+class Loop(torch.nn.Module):
+    """Applies `lin` three times, then `out`: calls of one module in one forward pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.out = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        for _ in range(3):
+            x = self.lin(x)
+        return self.out(x)
+
+
+def make_loop(seed=0):
+    torch.manual_seed(seed)
+    return Loop().eval()
+
+
+def loop_with(net, x, edit):
+    """net(x) (a Loop) with edit(call, input, output) done in a plain forward hook on `lin`."""
+    calls = []
+
+    def hook(module, args, output):
+        edit(len(calls), args[0], output)
+        calls.append(1)
+
+    handle = net.lin.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return net(x)
+    finally:
+        handle.remove()
+
+
+@pytest.fixture
+def net():
+    """The tiny MLP on the CPU."""
+    return make_tiny()
+
+
+@pytest.fixture
+def model(net):
+    import fastinterleave
+
+    return fastinterleave.NNsight(net)
+
+
 @pytest.fixture
 def tiny(device):
     return make_tiny(device)

@@ -20,16 +20,6 @@ from fastinterleave import InterventionError
 
 
 @pytest.fixture
-def net():
-    return make_tiny()
-
-
-@pytest.fixture
-def model(net):
-    return nnsight.NNsight(net)
-
-
-@pytest.fixture
 def x():
     torch.manual_seed(1)
     return torch.rand(1, 5)

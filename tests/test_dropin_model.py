@@ -29,17 +29,6 @@ import torch
 from torch.testing import assert_close
 
 import fastinterleave as nnsight
-from conftest import make_tiny
-
-
-@pytest.fixture
-def net():
-    return make_tiny()
-
-
-@pytest.fixture
-def model(net):
-    return nnsight.NNsight(net)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import fastinterleave as nnsight
 import fastinterleave.util
 from fastinterleave import InterventionError
 
-from conftest import make_gpt2, make_tiny
+from conftest import loop_with, make_gpt2, make_loop, make_tiny
 
 
 @pytest.fixture
@@ -313,40 +313,11 @@ def test_a_module_called_without_hook_fires_no_hook(net):
 # -- blocks of calls (.all()) -------------------------------------------------------------------
 
 
-class Loop(torch.nn.Module):
-    """`lin` runs three times per forward."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(4, 4)
-
-    def forward(self, x):
-        for _ in range(3):
-            x = self.lin(x)
-        return x
-
-
-def loop_with(net, x, edit):
-    """net(x) with edit(call, output) in a plain forward hook on lin."""
-    calls = []
-
-    def hook(module, args, output):
-        edit(len(calls), output)
-        calls.append(1)
-
-    handle = net.lin.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            return net(x)
-    finally:
-        handle.remove()
-
-
 @pytest.mark.parametrize("constant", [True, False])
 def test_a_branch_inside_an_all_block_is_decided_at_every_call(constant):
-    torch.manual_seed(0)
-    net = Loop().eval()
+    net = make_loop()
     model = nnsight.NNsight(net)
+    torch.manual_seed(1)
     x = torch.randn(2, 4)
     with model.trace(x) as tracer:
         with model.lin.all():
@@ -355,7 +326,7 @@ def test_a_branch_inside_an_all_block_is_decided_at_every_call(constant):
                 model.lin.output[:, 0] = 9.0
         out = model.output.save()
 
-    def edit(call, output):
+    def edit(call, inp, output):
         if constant or output.sum() > 0:
             output[:, 0] = 9.0
 
@@ -363,9 +334,9 @@ def test_a_branch_inside_an_all_block_is_decided_at_every_call(constant):
 
 
 def test_a_value_read_before_an_all_block_is_read_once():
-    torch.manual_seed(0)
-    net = Loop().eval()
+    net = make_loop()
     model = nnsight.NNsight(net)
+    torch.manual_seed(1)
     x = torch.randn(2, 4)
     with model.trace(x):
         first = model.lin.output
@@ -373,4 +344,4 @@ def test_a_value_read_before_an_all_block_is_read_once():
         with model.lin.all():
             model.lin.output[:, 1] = model.lin.output[:, 1] * scale
         out = model.output.save()
-    assert_close(out, loop_with(net, x, lambda call, o: o[:, 1].mul_(2.0)))
+    assert_close(out, loop_with(net, x, lambda call, inp, o: o[:, 1].mul_(2.0)))

@@ -37,7 +37,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from torch.testing import assert_close
 
 import fastinterleave as nnsight
-from conftest import assert_hooks_idle, make_gpt2, make_tiny
+from conftest import assert_hooks_idle, loop_with, make_gpt2, make_loop, make_tiny
 from fastinterleave import InterventionError
 
 
@@ -99,25 +99,6 @@ class Site(NamedTuple):
 
 def _sites(rows):
     return [Site(name, pos, *rest) for pos, (name, *rest) in enumerate(rows)]
-
-
-class Loop(torch.nn.Module):
-    """Applies `lin` three times, then `out`: calls of one module in one forward pass."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(4, 4)
-        self.out = torch.nn.Linear(4, 1)
-
-    def forward(self, x):
-        for _ in range(3):
-            x = self.lin(x)
-        return self.out(x)
-
-
-def make_loop(seed=0):
-    torch.manual_seed(seed)
-    return Loop().eval()
 
 
 class Spec(NamedTuple):
@@ -677,20 +658,8 @@ def test_dead_edits_raise(spec, examples):
 
 
 def _loop_with(edits, x):
-    """Loop's output with `edits(call, input, output)` applied in a plain forward hook on `lin`."""
-    net = make_loop()
-    calls = []
-
-    def hook(module, args, output):
-        edits(len(calls), args[0], output)
-        calls.append(1)
-
-    handle = net.lin.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            return net(x)
-    finally:
-        handle.remove()
+    """A fresh Loop's output with `edits(call, input, output)` in a plain hook on `lin`."""
+    return loop_with(make_loop(), x, edits)
 
 
 def test_found_second_all_block_after_an_access_edits_every_call():

@@ -8,25 +8,12 @@ import torch
 import fastinterleave as nnsight
 from fastinterleave import InterventionError
 
-
-class Loop(torch.nn.Module):
-    """Applies `lin` three times, then `out`."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(4, 4)
-        self.out = torch.nn.Linear(4, 1)
-
-    def forward(self, x):
-        for _ in range(3):
-            x = self.lin(x)
-        return self.out(x)
+from conftest import make_loop
 
 
 @pytest.fixture
 def net():
-    torch.manual_seed(0)
-    return Loop()
+    return make_loop()
 
 
 @pytest.fixture

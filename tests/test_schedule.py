@@ -13,17 +13,6 @@ import fastinterleave as nnsight
 from conftest import assert_hooks_idle
 from fastinterleave import InterventionError
 
-from conftest import make_tiny
-
-
-@pytest.fixture
-def net():
-    return make_tiny()
-
-
-@pytest.fixture
-def model(net):
-    return nnsight.NNsight(net)
 
 
 @pytest.fixture
