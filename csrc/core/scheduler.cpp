@@ -51,7 +51,7 @@ Run::Run(std::shared_ptr<const Plan> plan, Options options)
   armed_.assign(n, 0);
   in_progress_.assign(n, 0);
   skipped_.assign(n, 0);
-  on_demand_seen_.assign(n, 0);
+  scratch_.assign(n, 0);
   calls_.assign(plan_->sites.size(), 0);
   cursor_.assign(plan_->sites.size(), 0);
 }
@@ -227,8 +227,8 @@ void Run::execute_from(int32_t first) {
 bool Run::run_on_demand(int32_t node) {
   std::vector<int32_t> needed;
   std::vector<int32_t> stack{node};
-  std::vector<uint8_t>& seen = on_demand_seen_;  // all 0 between calls
-  struct Unsee {
+  std::vector<uint8_t>& seen = scratch_;  // all 0 between uses
+  struct Unsee {  // (on the way out with an input that cannot be had yet)
     std::vector<uint8_t>& seen;
     const std::vector<int32_t>& nodes;
     ~Unsee() {
@@ -250,6 +250,7 @@ bool Run::run_on_demand(int32_t node) {
       stack.push_back(d);
     }
   }
+  for (const int32_t d : needed) seen[static_cast<size_t>(d)] = 0;  // (free for what runs below)
   std::sort(needed.begin(), needed.end());  // inputs are recorded before their readers
   for (const int32_t d : needed) {
     if (reads_skipped(d)) skip(d);
@@ -662,7 +663,7 @@ void Run::reset_body(int32_t node) {
   // the walk reached after the binding but that reads nothing of it (a value
   // read before the block, an edit of another call) ran once, as written.
   std::vector<int32_t>& body = bodies_[node];
-  std::vector<uint8_t>& depends = on_demand_seen_;  // scratch, all 0 between uses
+  std::vector<uint8_t>& depends = scratch_;  // all 0 between uses
   depends[static_cast<size_t>(node)] = 1;
   size_t kept = 0;
   for (const int32_t j : body) {

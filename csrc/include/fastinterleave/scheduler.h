@@ -171,7 +171,9 @@ class Run {
   std::vector<uint8_t> armed_;         // Grad nodes: hook registered
   std::vector<uint8_t> in_progress_;   // nodes executing now (nested by backward hooks)
   std::vector<uint8_t> skipped_;       // done without running: a branch not taken, or reads such a node
-  std::vector<uint8_t> on_demand_seen_; // run_on_demand's scratch
+  // run_on_demand's and reset_body's marks: all 0 between uses (neither runs a
+  // node while its marks are set, so a nested firing never sees them).
+  std::vector<uint8_t> scratch_;
   std::vector<GradHook> grad_hooks_;
   int32_t grad_depth_ = 0;             // > 0: inside a backward hook, gradient readers may run
   int32_t firing_node_ = -1;           // the Site node whose hook is running
