@@ -230,10 +230,6 @@ void context_dealloc(PyObject* obj) {
   Py_TYPE(obj)->tp_free(obj);
 }
 
-PyObject* context_is_open(PyObject* obj, void* /*closure*/) {
-  return PyBool_FromLong(reinterpret_cast<ContextObject*>(obj)->entered);
-}
-
 PyObject* context_state(PyObject* /*self*/, PyObject* /*unused*/) {
   return Py_BuildValue("{s:i,s:i}", "patch_depth", g_state.patch_depth, "gc_depth", g_state.gc_depth);
 }
@@ -272,10 +268,6 @@ PyMemberDef g_context_members[] = {
     {"_frame", T_OBJECT, offsetof(ContextObject, frame), 0, "The frame that entered the block, while it is open."},
     {nullptr, 0, 0, 0, nullptr}};
 
-PyGetSetDef g_context_getset[] = {
-    {"_is_open", context_is_open, nullptr, "Whether the block is open.", nullptr},
-    {nullptr, nullptr, nullptr, nullptr, nullptr}};
-
 PyTypeObject g_context_type = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
 PyMethodDef g_module_functions[] = {
@@ -299,7 +291,6 @@ void register_context(py::module_& m) {
   t.tp_dealloc = context_dealloc;
   t.tp_methods = g_context_methods;
   t.tp_members = g_context_members;
-  t.tp_getset = g_context_getset;
   if (PyType_Ready(&t) < 0) throw py::error_already_set();
   Py_INCREF(&t);
   m.add_object("Context", py::handle(reinterpret_cast<PyObject*>(&t)));
