@@ -215,13 +215,17 @@ class Envoy:
         self._open_tracer("input")._swap(self._path, INPUT, FIRST_ARG, value)
 
 
-def _module_method(name):
+def self_returning(name, inner, doc):
+    """A method calling ``self.<inner>.<name>(...)`` that returns `self` where that
+    returns the inner object (``model.to(...)`` keeps the envoy / the wrapper)."""
+
     def method(self, *args, **kwargs):
-        result = getattr(self._module, name)(*args, **kwargs)
-        return self if result is self._module else result
+        target = getattr(self, inner)
+        result = getattr(target, name)(*args, **kwargs)
+        return self if result is target else result
 
     method.__name__ = method.__qualname__ = name
-    method.__doc__ = f"The module's ``{name}(...)``; returns this envoy (``model = model.{name}(...)`` keeps the wrapper)."
+    method.__doc__ = doc
     return method
 
 
@@ -229,7 +233,9 @@ def _module_method(name):
 # (nnsight 0.4 does it for `to`).
 _SELF_RETURNING = ("to", "cuda", "cpu", "eval", "train", "half", "float", "double", "bfloat16", "requires_grad_")
 for _name in _SELF_RETURNING:
-    setattr(Envoy, _name, _module_method(_name))
+    setattr(Envoy, _name, self_returning(
+        _name, "_module",
+        f"The module's ``{_name}(...)``; returns this envoy (``model = model.{_name}(...)`` keeps the wrapper)."))
 
 # nnsight 0.4's Envoy attributes that a child module of the same name would hide:
 # the child is mounted under its name instead, and the attribute moves to

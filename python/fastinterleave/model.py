@@ -2,7 +2,7 @@
 
 import torch
 
-from .envoy import _SELF_RETURNING, Envoy, _expose, _unexpose
+from .envoy import _SELF_RETURNING, Envoy, _expose, _unexpose, self_returning
 from .tracer import Tracer
 
 
@@ -202,19 +202,10 @@ def _expose_root(owner, name, child):
         _expose(owner, name, child)
 
 
-def _wrapper_method(name):
-    def method(self, *args, **kwargs):
-        result = getattr(self._envoy, name)(*args, **kwargs)
-        return self if result is self._envoy else result
-
-    method.__name__ = method.__qualname__ = name
-    method.__doc__ = f"The model's ``{name}(...)``; returns this wrapper (``model = model.{name}(...)`` keeps it)."
-    return method
-
-
 # `model = model.to("cuda")` / `.eval()` / ... keep the wrapper (nnsight 0.4 does it for `to`).
 for _name in _SELF_RETURNING:
-    setattr(NNsight, _name, _wrapper_method(_name))
+    setattr(NNsight, _name, self_returning(
+        _name, "_envoy", f"The model's ``{_name}(...)``; returns this wrapper (``model = model.{_name}(...)`` keeps it)."))
 
 
 def batch_all(inputs):
